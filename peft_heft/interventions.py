@@ -1,0 +1,174 @@
+"""ReFT interventions as pyvene ``TrainableIntervention`` modules, and a registry of types by name.
+
+Every intervention maps hidden states ``h`` of shape ``(..., d)`` to new hidden states of the same
+shape. The math is pyreft's (``pyreft.interventions``), with its pitfalls removed:
+
+* parameters are created in the dtype they are asked for (pyreft silently uses bf16 for part of the module);
+* the orthonormal ``R`` uses a Householder parametrization without trivialization, so no ``d x d`` buffer
+  is kept (pyreft's keeps one: 64 MiB per intervention at d=4096), and ``R`` is computed once per forward;
+* dropout is a child module, so ``model.eval()`` switches it off.
+
+Any pyvene ``TrainableIntervention`` class that takes pyreft's keyword arguments (``embed_dim``,
+``low_rank_dimension``, ``dropout``, ``dtype``, ``act_fn``, ``add_bias``) can be registered with
+:func:`register_intervention_type`, pyreft's own classes included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+
+with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about an optional backend on import
+    from pyvene import DistributedRepresentationIntervention, SourcelessIntervention, TrainableIntervention
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+from transformers.activations import ACT2FN
+
+
+class LowRankRotateLayer(nn.Module):
+    """``x @ R`` with ``R`` of shape ``(d, r)``, initialised with orthonormal columns (as in pyreft)."""
+
+    def __init__(self, embed_dim: int, rank: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(embed_dim, rank, dtype=dtype))
+        nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.to(self.weight.dtype), self.weight)
+
+
+def orthonormal_rotation(embed_dim: int, rank: int, dtype: torch.dtype | None) -> nn.Module:
+    """A rotate layer whose ``weight`` stays orthonormal during training (Householder, no d x d buffer)."""
+    return orthogonal(
+        LowRankRotateLayer(embed_dim, rank, dtype), "weight", orthogonal_map="householder", use_trivialization=False
+    )
+
+
+class _ReftBase(SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention):
+    """Shared set-up: pyvene bookkeeping, sizes, activation and dropout."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs, keep_last_dim=True)
+        embed_dim = int(kwargs["embed_dim"])
+        # pyvene registers these as persistent buffers; they are derived from the config, not weights to save.
+        self.register_buffer("embed_dim", torch.tensor(embed_dim), persistent=False)
+        self.register_buffer("interchange_dim", torch.tensor(embed_dim), persistent=False)
+        self.hidden_size = embed_dim
+        self.rank = int(kwargs["low_rank_dimension"])
+        self.param_dtype = kwargs.get("dtype") or torch.float32
+        self.dropout = nn.Dropout(kwargs.get("dropout") or 0.0)
+        self.act_fn = ACT2FN[kwargs.get("act_fn") or "linear"]
+
+
+class LoreftIntervention(_ReftBase):
+    """LoReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)`` with ``R`` (r × d) having orthonormal rows.
+
+    Numerically the same as ``pyreft.LoreftIntervention`` for the same weights. ``rotate_layer.weight`` is
+    pyreft's ``Rᵀ`` (d × r); ``learned_source`` is ``W, b``.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rotate_layer = orthonormal_rotation(self.hidden_size, self.rank, self.param_dtype)
+        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
+
+    def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
+        rotation = self.rotate_layer.weight  # one Householder product per call
+        x = base.to(rotation.dtype)
+        output = x + torch.matmul(self.act_fn(self.learned_source(x)) - torch.matmul(x, rotation), rotation.T)
+        return self.dropout(output.to(base.dtype))
+
+
+class NoreftIntervention(_ReftBase):
+    """NoReFT: ``Φ(h) = h + W₂ᵀ(W₁ h + b − W₂ h)``, LoReFT without the orthonormality constraint."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        add_bias = bool(kwargs.get("add_bias", False))
+        self.proj_layer = nn.Linear(self.hidden_size, self.rank, bias=add_bias, dtype=self.param_dtype)
+        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
+
+    def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
+        x = base.to(self.proj_layer.weight.dtype)
+        output = x + torch.matmul(self.act_fn(self.learned_source(x)) - self.proj_layer(x), self.proj_layer.weight)
+        return self.dropout(output.to(base.dtype))
+
+
+class DireftIntervention(_ReftBase):
+    """DiReFT: ``Φ(h) = h + Rᵀ(W h + b)``, LoReFT without subtracting the projection of ``h``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rotate_layer = orthonormal_rotation(self.hidden_size, self.rank, self.param_dtype)
+        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
+
+    def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
+        rotation = self.rotate_layer.weight
+        x = base.to(rotation.dtype)
+        output = x + torch.matmul(self.act_fn(self.learned_source(x)), rotation.T)
+        return self.dropout(output.to(base.dtype))
+
+
+INTERVENTION_TYPES: dict[str, type[TrainableIntervention]] = {
+    "loreft": LoreftIntervention,
+    "noreft": NoreftIntervention,
+    "direft": DireftIntervention,
+}
+
+
+def register_intervention_type(name: str, cls: type[TrainableIntervention], *, overwrite: bool = False) -> None:
+    """Make ``intervention_type=name`` build ``cls``.
+
+    ``cls`` must be a pyvene ``TrainableIntervention`` whose constructor takes pyreft's keyword arguments
+    (``embed_dim``, ``low_rank_dimension``, ``dropout``, ``dtype``, ``act_fn``, ``add_bias``) and whose forward
+    maps ``(..., d)`` hidden states to new ``(..., d)`` hidden states. Register before creating or loading a
+    config that names it.
+
+    Example:
+        ```py
+        >>> import pyreft
+        >>> from peft_heft import register_intervention_type
+        >>> register_intervention_type("pyreft_loreft", pyreft.LoreftIntervention)
+        ```
+    """
+    if not isinstance(cls, type) or not issubclass(cls, TrainableIntervention):
+        raise TypeError(f"{cls!r} is not a pyvene TrainableIntervention subclass; it cannot be used as a HEFT intervention.")
+    key = name.lower()
+    if key in INTERVENTION_TYPES and INTERVENTION_TYPES[key] is not cls and not overwrite:
+        raise ValueError(f"Intervention type {name!r} is already registered; pass overwrite=True to replace it.")
+    INTERVENTION_TYPES[key] = cls
+
+
+def get_intervention_class(name: str) -> type[TrainableIntervention]:
+    try:
+        return INTERVENTION_TYPES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"Unknown intervention_type {name!r}. Known types: {sorted(INTERVENTION_TYPES)}. "
+            "Register your own with peft_heft.register_intervention_type(name, cls) before building the config."
+        ) from None
+
+
+def build_intervention(
+    intervention_type: str,
+    *,
+    hidden_size: int,
+    rank: int,
+    dropout: float,
+    dtype: torch.dtype,
+    device: torch.device | None,
+    act_fn: str | None = None,
+    add_bias: bool = False,
+) -> TrainableIntervention:
+    cls = get_intervention_class(intervention_type)
+    module = cls(
+        embed_dim=hidden_size,
+        low_rank_dimension=rank,
+        dropout=dropout,
+        dtype=dtype,
+        act_fn=act_fn,
+        add_bias=add_bias,
+    )
+    return module.to(device=device, dtype=dtype)

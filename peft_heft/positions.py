@@ -1,0 +1,134 @@
+"""Which token positions an intervention reads and writes.
+
+Position specs follow pyreft's syntax: ``"f<n>"`` (first n tokens), ``"l<n>"`` (last n tokens),
+``"f<n>+l<n>"`` (both) and ``"all"`` (every real token). Locations are computed per row from the
+real (unpadded) tokens, so left and right padding give the same intervened tokens. Like pyreft,
+each side is clipped to ``min(n, len // 2)`` for a row of ``len`` real tokens; unlike pyreft, the
+missing slots are marked ``-1`` and never touch a padding token.
+
+Locations are a ``LongTensor`` of shape ``(batch, groups, n)`` with ``-1`` for "no position".
+``groups`` is 2 for ``f<n>+l<n>`` without shared weights (the first group holds the prefix
+positions, the second the suffix positions, each read by its own intervention) and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_SPEC_RE = re.compile(r"^(?:f(?P<f>\d+)\+l(?P<fl>\d+)|f(?P<fo>\d+)|l(?P<lo>\d+))$")
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """A parsed position spec. ``first``/``last`` are token counts; ``all`` means every real token."""
+
+    first: int = 0
+    last: int = 0
+    all: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> PositionSpec:
+        if not isinstance(spec, str):
+            raise TypeError(f"intervention_positions must be a string like 'f7+l7', got {type(spec).__name__}.")
+        text = spec.strip().lower().replace(" ", "")
+        if text == "all":
+            return cls(all=True)
+        match = _SPEC_RE.match(text)
+        if match is None:
+            raise ValueError(
+                f"Unknown intervention_positions {spec!r}. Use 'f<n>' (first n tokens), 'l<n>' (last n tokens), "
+                "'f<n>+l<n>' (both, e.g. 'f7+l7') or 'all'."
+            )
+        first = int(match["f"] or match["fo"] or 0)
+        last = int(match["fl"] or match["lo"] or 0)
+        if first == 0 and last == 0:
+            raise ValueError(f"intervention_positions {spec!r} selects no token; use at least one of f<n>, l<n> > 0.")
+        return cls(first=first, last=last)
+
+    def num_groups(self, share_weights: bool) -> int:
+        """How many separately-weighted interventions each layer gets for this spec."""
+        return 2 if (self.first and self.last and not share_weights) else 1
+
+
+def _real_token_positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of real tokens, in order, first in each row; and the count of real tokens per row."""
+    mask = attention_mask.bool()
+    seq_len = mask.shape[1]
+    ar = torch.arange(seq_len, device=mask.device)
+    # real tokens sort before padding, each keeping its order
+    order = torch.argsort(ar + (~mask).long() * seq_len, dim=1)
+    return order, mask.sum(dim=1, keepdim=True)
+
+
+def compute_locations(
+    spec: PositionSpec,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    seq_len: int,
+    share_weights: bool,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Intervention locations for each row, from the real tokens of ``attention_mask``.
+
+    Args:
+        spec: the parsed position spec.
+        attention_mask: ``(batch, seq_len)`` mask of real tokens; ``None`` means all tokens are real.
+        batch_size, seq_len: the input's shape.
+        share_weights: whether prefix and suffix positions share one intervention (one group).
+
+    Returns:
+        ``LongTensor`` of shape ``(batch, groups, n)``; ``-1`` marks an unused slot.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+    order, n_real = _real_token_positions(attention_mask)
+    if spec.all:
+        cols = torch.arange(seq_len, device=order.device).unsqueeze(0)
+        return torch.where(cols < n_real, order, -1).unsqueeze(1)
+
+    half = n_real // 2
+    first_n = torch.clamp(half, max=spec.first)  # (B, 1)
+    last_n = torch.clamp(half, max=spec.last)
+
+    def side(count: int, taken: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        j = torch.arange(count, device=order.device).unsqueeze(0)
+        cols = (start + j).clamp(0, seq_len - 1)
+        return torch.where(j < taken, order.gather(1, cols), -1)
+
+    firsts = side(spec.first, first_n, torch.zeros_like(n_real)) if spec.first else None
+    lasts = side(spec.last, last_n, n_real - last_n) if spec.last else None
+    if firsts is None:
+        return lasts.unsqueeze(1)
+    if lasts is None:
+        return firsts.unsqueeze(1)
+    if share_weights:
+        return torch.cat([firsts, lasts], dim=1).unsqueeze(1)
+    width = max(spec.first, spec.last)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+    return torch.stack([pad(firsts), pad(lasts)], dim=1)
+
+
+def normalize_locations(locations, batch_size: int, num_groups: int, device: torch.device) -> torch.Tensor:
+    """Check and reshape user-given locations to ``(batch, groups, n)``.
+
+    Accepts a tensor or nested lists of shape ``(batch, groups, n)``, or ``(batch, n)`` when the
+    adapter has a single group. ``-1`` marks an unused slot.
+    """
+    locs = torch.as_tensor(locations, device=device)
+    if locs.is_floating_point() or locs.dtype == torch.bool:
+        raise TypeError(f"intervention_locations must hold integer token positions, got dtype {locs.dtype}.")
+    locs = locs.long()
+    if locs.dim() == 2 and num_groups == 1:
+        locs = locs.unsqueeze(1)
+    if locs.dim() != 3 or locs.shape[0] != batch_size or locs.shape[1] != num_groups:
+        raise ValueError(
+            f"intervention_locations has shape {tuple(locs.shape)}, expected (batch={batch_size}, "
+            f"groups={num_groups}, n)" + (" or (batch, n)" if num_groups == 1 else "") + ". "
+            "Groups are 2 for 'f<n>+l<n>' positions without shared weights (prefix group first), else 1."
+        )
+    if (locs < -1).any():
+        raise ValueError("intervention_locations may only contain token positions >= 0, or -1 for an unused slot.")
+    return locs
