@@ -1,0 +1,96 @@
+"""Tiny models built from config (no downloads) shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import peft_heft  # noqa: F401  (registers HEFT)
+
+VOCAB = 97
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, hidden: int = 32, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+ARCHITECTURES = {
+    "llama": (tiny_llama, ["q_proj", "v_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn"]),
+    "qwen2": (tiny_qwen2, ["q_proj", "v_proj"]),
+}
+
+
+def heft_config(**overrides) -> peft_heft.HeftConfig:
+    kwargs = dict(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], intervention_layers=[1, -1],
+        intervention_rank=2, intervention_positions="f2+l2", init_lora_weights=False,
+    )
+    kwargs.update(overrides)
+    return peft_heft.HeftConfig(**kwargs)
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def left_padded_batch(seed: int = 1, lengths=(9, 6, 4), pad_id: int = 0):
+    """Rows of real tokens (ids >= 3) with left padding; also returns the unpadded rows."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask, rows
+
+
+def right_padded(rows, pad_id: int = 0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+def randomize_interventions(model, scale: float = 0.5, seed: int = 3) -> None:
+    """Give interventions weights large enough to change outputs visibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.base_model.heft_interventions.named_parameters():
+            if "rotate_layer" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
