@@ -132,3 +132,31 @@ class HeftConfig(LoraConfig):
     @property
     def num_position_groups(self) -> int:
         return self.position_spec.num_groups(self.share_intervention_weights)
+
+
+def _refuse_pickled_weights(config_cls):
+    """Wrap ``from_pretrained`` so a local HEFT adapter holding only pickled weights is refused early."""
+    original = config_cls.from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        import os
+
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if os.path.isdir(folder):
+            has_safetensors = os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
+            pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
+            if pickled and not has_safetensors:
+                raise ValueError(
+                    f"{folder} holds HEFT weights only as {pickled[0]} (a pickle). peft-heft loads safetensors only, "
+                    "so that loading an adapter never runs code from it. Convert it where you trust the file: "
+                    "`safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                    "'adapter_model.safetensors')`."
+                )
+        return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained.__doc__ = original.__doc__
+    config_cls.from_pretrained = classmethod(from_pretrained)
+    return config_cls
+
+
+_refuse_pickled_weights(HeftConfig)

@@ -171,4 +171,6 @@ def build_intervention(
         act_fn=act_fn,
         add_bias=add_bias,
     )
+    if any(p.is_meta for p in module.parameters()):  # built under init_empty_weights (low_cpu_mem_usage)
+        return module.to(dtype=dtype)
     return module.to(device=device, dtype=dtype)

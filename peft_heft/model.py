@@ -120,7 +120,8 @@ class HeftModel(LoraModel):
         groups = config.num_position_groups
         modules = nn.ModuleDict()
         for layer in layers:
-            reference = next(decoder_layers[layer].parameters())
+            # a base weight, not an adapter weight (those are on "meta" with low_cpu_mem_usage)
+            reference = next(p for n, p in decoder_layers[layer].named_parameters() if self.prefix not in n)
             dtype = reference.dtype
             if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32  # like PEFT's LoRA: train adapters in float32 on half-precision bases
@@ -424,8 +425,7 @@ class HeftModel(LoraModel):
         tuner = _find_heft_tuner(model)
         if tuner is not None and not config.inference_mode and adapter_name in tuner.active_adapters:
             # a loaded adapter applies both parts; training continues on both until set_stage() says otherwise
-            tuner._stage, tuner._apply_interventions = "joint", True
-            tuner._refresh_routes()
+            tuner.set_stage("joint")
         return remapped
 
 
