@@ -97,6 +97,7 @@ class HeftModel(LoraModel):
         )
         config.base_model_hidden_size = hidden_size
         config.base_model_num_layers = num_layers
+        self._hidden_size, self._num_layers = hidden_size, num_layers
         self._add_interventions(model, adapter_name, config, layers, hidden_size, autocast_adapter_dtype)
         self._install_hooks()
         if config.inference_mode:
@@ -172,16 +173,13 @@ class HeftModel(LoraModel):
         """Per decoder layer: which interventions run, and with which position spec. Rebuilt on state changes."""
         routes: dict[int, list[tuple[tuple, list[nn.Module]]]] = {}
         if self._apply_interventions and self._interventions_enabled:
-            num_layers = self.peft_config[next(iter(self.heft_interventions))].base_model_num_layers if len(
-                self.heft_interventions
-            ) else 0
             for adapter in self.active_adapters:
                 if adapter not in self.heft_interventions:
                     continue
                 config = self.peft_config[adapter]
                 groups = config.num_position_groups
                 key = (config.position_spec, config.share_intervention_weights)
-                for layer in resolve_layers(config.intervention_layers, num_layers):
+                for layer in resolve_layers(config.intervention_layers, self._num_layers):
                     mods = [self.heft_interventions[adapter][_intervention_key(layer, g, groups)] for g in range(groups)]
                     routes.setdefault(layer, []).append((key, mods))
         self._routes = routes
@@ -206,8 +204,7 @@ class HeftModel(LoraModel):
         absolute = self._pinned_locations(batch) if self._pinned is not None else None
         if absolute is None:
             absolute = self._locations(batch, offset + seq_len, mask, explicit, shaped.device)
-        hidden_size = self.peft_config[next(iter(self.heft_interventions))].base_model_hidden_size
-        located = {key: locate(locs, offset, seq_len, hidden_size) for key, locs in absolute.items()}
+        located = {key: locate(locs, offset, seq_len, self._hidden_size) for key, locs in absolute.items()}
         plan = ForwardPlan()
         for layer, entries in self._routes.items():
             kept = [(located[key], mods) for key, mods in entries if located[key] is not None]
@@ -218,8 +215,8 @@ class HeftModel(LoraModel):
 
     def _locations(self, batch, total_len, mask, explicit, device) -> dict[tuple, torch.Tensor]:
         """Absolute locations ``(B, G, n)`` per position spec in use, from the mask or the explicit tensor."""
-        if mask is not None and mask.shape != (batch, total_len):
-            mask = None if mask.shape[1] != total_len else mask
+        if mask is not None and tuple(mask.shape) != (batch, total_len):
+            mask = None  # e.g. a mask for a different length: treat every token as real
         result = {}
         for entries in self._routes.values():
             for key, _ in entries:
@@ -309,7 +306,8 @@ class HeftModel(LoraModel):
         super()._enable_adapter_layers(enabled)
         if self._heft_ready:
             self._interventions_enabled = enabled
-            self._refresh_routes()
+            # PEFT's enable_adapters(True) marks the active LoRA weights trainable: restore the stage's flags
+            self.set_stage(self._stage, apply_interventions=self._apply_interventions, _only_refresh=not enabled)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)

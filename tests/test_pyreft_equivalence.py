@@ -328,7 +328,7 @@ def test_registered_pyreft_intervention_trains_and_generates(pyreft_loreft_regis
 
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
-    # (the plain output comes from a copy, not `with model.disable_adapter()`: that unfreezes LoRA, see the xfail below)
+    # (the plain output comes from a copy of the base model)
     model.eval()
     with torch.no_grad():
         plain = reference(input_ids=ids, attention_mask=mask).logits
@@ -354,13 +354,6 @@ def test_registered_pyreft_intervention_trains_and_generates(pyreft_loreft_regis
         model.save_pretrained(tmp_path / "adapter")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_heft bug: leaving `model.disable_adapter()` (or enable_adapter_layers()) makes the LoRA weights "
-    "trainable again in stage 'reft' / 'frozen'. PEFT's BaseTunerLayer.enable_adapters(True) calls "
-    "set_adapter(active_adapters), which sets requires_grad=True on them; HeftModel._enable_adapter_layers only "
-    "refreshes the intervention routes and does not re-apply the stage's requires_grad flags.",
-)
 @pytest.mark.parametrize("stage", ["reft", "frozen"])
 def test_disable_adapter_keeps_stage_trainability(stage):
     config = peft_heft.HeftConfig(
