@@ -1,0 +1,46 @@
+# Everything runs from the project virtualenv in .venv, created on first use.
+# `make demo` and `make test` are all a new contributor needs (see README.md / CONTRIBUTING.md).
+
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip
+STAMP := $(VENV)/.stamp
+
+.PHONY: venv test test-slow demo lint bench
+
+# Internal: (re)build the virtualenv when it is missing or pyproject.toml changed.
+venv: $(STAMP)
+
+# torch goes in first, so that `pip install -e .` does not pull a CUDA build onto a machine without a GPU:
+# without nvidia-smi we ask for the pinned CPU-compatible version (our wheel index/find-links serve the +cpu wheel).
+# pyreft is optional (comparison tests only); its declared deps are heavy, hence --no-deps, and
+# pyreft 0.0.7 imports `evaluate` at import time.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing the default torch build"; $(PIP) install torch; \
+	else \
+		echo "no GPU (nvidia-smi not found): installing torch==2.13.0"; $(PIP) install torch==2.13.0; \
+	fi
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps pyreft==0.0.7
+	$(PIP) install evaluate
+	@touch $(STAMP)
+
+# Fast tests (pyproject's addopts exclude tests marked slow).
+test: venv
+	$(PY) -m pytest
+
+# Slow tests only.
+test-slow: venv
+	$(PY) -m pytest -m slow
+
+demo: venv
+	$(PY) examples/demo.py
+
+lint: venv
+	$(PY) -m ruff check .
+
+# Benchmarks are run by hand; results go under benchmarks/results/.
+bench: venv
+	$(PY) benchmarks/bench_core.py
