@@ -72,6 +72,7 @@ class HeftModel(LoraModel):
         self._pre_hook = None
         self._plan: ForwardPlan | None = None
         self._pinned: dict | None = None
+        self._pinned_last = -1
         self._stage = "lora"
         self._apply_interventions = False
         self._interventions_enabled = True
@@ -198,6 +199,9 @@ class HeftModel(LoraModel):
             return args, kwargs
         batch, seq_len = shaped.shape[0], shaped.shape[1]
         offset = _past_length(kwargs.get("past_key_values"))
+        if self._pinned is not None and offset > self._pinned_last:
+            self._plan = None  # a decoding step past the prompt: nothing to intervene on, no work
+            return args, kwargs
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             mask = None  # a custom 4D mask: we cannot read padding from it
@@ -344,6 +348,7 @@ class HeftModel(LoraModel):
             raise ValueError("HEFT generate() needs input_ids or inputs_embeds to place the prompt interventions.")
         mask = kwargs.get("attention_mask")
         self._pinned = self._locations(shaped.shape[0], shaped.shape[1], mask, explicit, shaped.device)
+        self._pinned_last = max(int(locs.max()) for locs in self._pinned.values())
         try:
             return self.model.generate(*args, **kwargs)
         finally:
