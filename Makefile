@@ -15,7 +15,7 @@ venv: $(STAMP)
 # without nvidia-smi we ask for the pinned CPU-compatible version (our wheel index/find-links serve the +cpu wheel).
 # pyreft is optional (comparison tests only); its declared deps are heavy, hence --no-deps, and
 # pyreft 0.0.7 imports `evaluate` at import time.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "GPU found: installing the default torch build"; $(PIP) install torch; \
@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 		echo "no GPU (nvidia-smi not found): installing torch==2.13.0"; $(PIP) install torch==2.13.0; \
 	fi
 	$(PIP) install -e ".[dev]"
+	@# editable installs skip the wheel's .pth that registers HEFT when peft is imported: put it in place
+	$(PY) -c "import shutil, sysconfig; shutil.copy('peft_heft-autoload.pth', sysconfig.get_paths()['purelib'])"
 	$(PIP) install --no-deps pyreft==0.0.7
 	$(PIP) install evaluate
 	@touch $(STAMP)

@@ -368,7 +368,8 @@ class HeftModel(LoraModel):
             if merge and any(n in self.heft_interventions for n in names):
                 warnings.warn(
                     "merge_and_unload(): the HEFT interventions are not applied in the 'lora' stage and are dropped; "
-                    "only LoRA is merged into the returned model."
+                    "only LoRA is merged into the returned model.",
+                    stacklevel=3,
                 )
             self._remove_hooks()
             for name in list(self.heft_interventions):

@@ -238,7 +238,7 @@ def _reft_pair(positions: str, share: bool, layers: list[int], r: int = 4):
         f"layer{layer}_{side}" for layer in resolved for side in ("first", "last")
     ]
     assert sorted(ours.keys()) == sorted(keys)
-    for key, module in zip(keys, theirs):
+    for key, module in zip(keys, theirs, strict=True):
         _copy_weights(ours[key], module)
     model.eval()
     return reft_model, model, groups
