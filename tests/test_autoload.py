@@ -65,3 +65,13 @@ def test_wheel_ships_the_pth_at_site_packages_root(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "peft_heft-autoload.pth" in names and "_peft_heft_autoload.py" in names
     assert zipfile.ZipFile(wheel).read("peft_heft-autoload.pth").decode().strip() == "import _peft_heft_autoload"
+
+
+def test_installed_pth_registers_heft_without_any_import(saved):
+    import sysconfig
+
+    if not (Path(sysconfig.get_paths()["purelib"]) / "peft_heft-autoload.pth").is_file():
+        pytest.skip("peft_heft-autoload.pth is not installed in this environment (editable install without make)")
+    out = _run(LOAD.format(base=saved[0], adapter=saved[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HeftModel True"
