@@ -225,3 +225,35 @@ def test_push_to_hub_uploads_a_folder_that_reloads(tmp_path, monkeypatch):
     ids, mask, _ = left_padded_batch()
     reloaded = PeftModel.from_pretrained(clone(base), folder).eval()
     assert torch.equal(logits(reloaded, ids, mask), logits(model, ids, mask, stage="frozen"))
+
+
+@pytest.mark.parametrize(
+    "lora_options",
+    [
+        {"use_dora": True},
+        {"use_rslora": True, "lora_dropout": 0.1},
+        {"modules_to_save": ["lm_head"]},
+        {"layers_to_transform": [0, 2], "target_modules": ["q_proj", "v_proj", "o_proj"]},
+    ],
+)
+def test_lora_options_train_save_and_reload(tmp_path, lora_options):
+    base = tiny_llama()
+    model = get_peft_model(clone(base), heft_config(**lora_options))
+    model.base_model.set_stage("lora")
+    ids, mask, _ = left_padded_batch()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.base_model.set_stage("reft")
+    randomize_interventions(model)
+    model.eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+    want = logits(model, ids, mask, stage="frozen")
+    assert (want - base_logits).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clone(base), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, ids, mask), want, atol=1e-6, rtol=1e-5)
