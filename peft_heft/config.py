@@ -148,9 +148,8 @@ def _refuse_pickled_weights(config_cls):
             if pickled and not has_safetensors:
                 raise ValueError(
                     f"{folder} holds HEFT weights only as {pickled[0]} (a pickle). peft-heft loads safetensors only, "
-                    "so that loading an adapter never runs code from it. Convert it where you trust the file: "
-                    "`safetensors.torch.save_file(torch.load(path, weights_only=True), "
-                    "'adapter_model.safetensors')`."
+                    "so that loading an adapter never runs code from it. Where you trust the file, convert it once to "
+                    "adapter_model.safetensors with safetensors.torch.save_file."
                 )
         return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
