@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,7 +157,7 @@ def copy_into_heft(heft_model, interventions: list, shape: dict) -> None:
     keys = [f"layer{layer}_{side}" for layer in range(shape["layers"]) for side in ("first", "last")]
     assert sorted(ours.keys()) == sorted(keys), sorted(ours.keys())
     with torch.no_grad():
-        for key, theirs in zip(keys, interventions):
+        for key, theirs in zip(keys, interventions, strict=True):
             ours[key].learned_source.load_state_dict(theirs.learned_source.state_dict())
             ours[key].rotate_layer.weight = theirs.rotate_layer.weight.detach().clone()
 
@@ -196,7 +195,7 @@ def build_pyreft(base, shape, interventions):
     with contextlib.redirect_stdout(io.StringIO()):
         reft = pyreft.get_reft_model(merged_base, pyreft.ReftConfig(representations=representations))
     modules = [reft.interventions[k] for k in reft.interventions]
-    assert all(a is b for a, b in zip(modules, interventions)), "pyreft reordered the interventions"
+    assert all(a is b for a, b in zip(modules, interventions, strict=True)), "pyreft reordered the interventions"
     return reft
 
 
@@ -358,7 +357,7 @@ def summarize(samples: list[float]) -> dict:
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median of per-round ratios (both taken in the same round, so slow phases of the machine cancel)."""
-    return statistics.median(a / b for a, b in zip(num, den))
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- hook micro-benchmark
@@ -522,7 +521,6 @@ def memory_worker(variant: str, shape_name: str) -> dict:
         result[f"step{step}_resident_mib"] = resident / 2**20
         result[f"step{step}_peak_mib"] = peak / 2**20
         result[f"step{step}_peak_delta_mib"] = (peak - resident) / 2**20
-    result["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -726,7 +724,7 @@ def markdown(result: dict) -> str:
                   f"| all layer hooks, forward, no grad | {h['layer_hooks_forward_ms']:.3f} |",
                   f"| all layer hooks, forward + backward (leaf/sum baseline subtracted) | {h['layer_hooks_forward_backward_ms']:.3f} |",
                   f"| one LoReFT module on (B, 7, d), forward + backward | {h['one_intervention_forward_backward_ms']:.3f} |",
-                  f"| of which the Householder product for R, forward + backward | {h['one_rotation_householder_forward_backward_ms']:.3f} |",
+                  f"| the Householder product for R alone (weight, sum, backward) | {h['one_rotation_householder_forward_backward_ms']:.3f} |",
                   f"| {h['intervention_modules']} LoReFT modules (n x the row above) | "
                   f"{h['intervention_modules'] * h['one_intervention_forward_backward_ms']:.2f} |",
                   f"| remainder: gather, scatter_add, keep mask, split/cat on the full hidden state | "
