@@ -19,7 +19,20 @@ register_heft()
 
 __version__ = "0.1.0.dev0"
 
+# The trainer pulls in TRL; import it on first use so `import peft` (which autoloads peft_heft) stays light.
+_TRAINER_EXPORTS = ("DataCollatorForHeft", "HeftCallback", "HeftSFTConfig", "StagedSFTTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_EXPORTS:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'peft_heft' has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINER_EXPORTS,
     "DireftIntervention",
     "HeftConfig",
     "HeftModel",

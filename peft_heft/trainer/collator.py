@@ -1,0 +1,84 @@
+"""Collation for HEFT SFT: TRL's batches plus the intervention locations of each row's prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..positions import PositionSpec, compute_locations
+
+PROMPT_LENGTH_COLUMN = "heft_prompt_length"
+
+
+@dataclass
+class DataCollatorForHeft:
+    """Wrap a collator (TRL's ``DataCollatorForLanguageModeling`` by default) and add ``intervention_locations``.
+
+    Each example may carry ``heft_prompt_length``: the number of tokens of its prompt (the part before the completion,
+    as prepared by [`StagedSFTTrainer`]). Interventions are placed on those tokens with the adapter's position spec,
+    exactly as `generate()` places them on a prompt; without the column, on all real tokens of the row.
+
+    Args:
+        collator (`Callable`):
+            The collator producing `input_ids`, `attention_mask` and `labels`.
+        position_spec (`PositionSpec` or `str`):
+            The adapter's `intervention_positions`, e.g. `"f7+l7"`.
+        share_weights (`bool`):
+            The adapter's `share_intervention_weights` (decides the number of location groups).
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            `"left"` moves each row's padding to the left after collation (TRL's collator pads on the right).
+    """
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    position_spec: PositionSpec | str
+    share_weights: bool = False
+    padding_side: str = "right"
+
+    def __post_init__(self):
+        if isinstance(self.position_spec, str):
+            self.position_spec = PositionSpec.parse(self.position_spec)
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompt_lengths = [example.get(PROMPT_LENGTH_COLUMN) for example in examples]
+        examples = [{k: v for k, v in example.items() if k != PROMPT_LENGTH_COLUMN} for example in examples]
+        batch = self.collator(examples)
+        if "attention_mask" not in batch:
+            raise ValueError(
+                "HEFT needs an attention_mask per row to place interventions; padding-free / packed batches have none. "
+                "Set padding_free=False and packing=False."
+            )
+        mask = batch["attention_mask"]
+        if self.padding_side == "left":
+            batch = _move_padding_left(batch, mask)
+            mask = batch["attention_mask"]
+        batch["intervention_locations"] = self.locations(mask, prompt_lengths)
+        return batch
+
+    def locations(self, attention_mask: torch.Tensor, prompt_lengths: list[int | None]) -> torch.Tensor:
+        """``(batch, groups, n)`` locations on the first ``prompt_length`` real tokens of each row."""
+        real = attention_mask.bool()
+        rank = real.long().cumsum(dim=1)  # 1-based index of each real token within its row
+        limits = torch.tensor(
+            [int(n) if n is not None else int(real[i].sum()) for i, n in enumerate(prompt_lengths)],
+            dtype=rank.dtype,
+        ).unsqueeze(1)
+        prompt_mask = real & (rank <= limits)
+        batch, seq_len = attention_mask.shape
+        return compute_locations(self.position_spec, prompt_mask.long(), batch, seq_len, self.share_weights)
+
+
+def _move_padding_left(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
+    """Roll each right-padded row so its padding comes first (input_ids, attention_mask, labels, position_ids)."""
+    seq_len = mask.shape[1]
+    shifts = seq_len - mask.sum(dim=1)
+    index = (torch.arange(seq_len).unsqueeze(0) - shifts.unsqueeze(1)) % seq_len
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == mask.shape:
+            out[key] = value.gather(1, index)
+    return out

@@ -1,0 +1,400 @@
+"""``StagedSFTTrainer``: TRL's ``SFTTrainer`` running HEFT's stages (LoRA, then ReFT) in one ``train()`` call."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from peft import PeftConfig
+from transformers import set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import TrainOutput, enable_full_determinism, rotate_checkpoints
+from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names
+
+from ..config import HeftConfig
+from ..model import _find_heft_tuner
+from .callbacks import StageProgressCallback
+from .checkpoints import (
+    MARKER_NAME,
+    fsync_tree,
+    resolve_resume_checkpoint,
+    stage_dir_name,
+    write_json_atomic,
+)
+from .collator import PROMPT_LENGTH_COLUMN, DataCollatorForHeft
+from .config import PER_STAGE_OPTIONS, HeftSFTConfig
+from .prompts import (
+    FULL_LENGTH_COLUMN,
+    pretokenized_prompt_length_fn,
+    prompt_length_fn,
+    truncate_prompt_length_fn,
+)
+
+
+class StagedSFTTrainer(SFTTrainer):
+    r"""
+    [`~trl.SFTTrainer`] that trains a HEFT adapter stage by stage: LoRA first, then ReFT interventions on top.
+
+    Takes the same arguments as [`~trl.SFTTrainer`]; `args` is a [`HeftSFTConfig`] and `peft_config` a [`HeftConfig`]
+    (or `model` is already a HEFT `PeftModel`). `train()` runs every stage of `args.stage_order`: for each it switches
+    the trainable parameters in place (`model.set_stage`), builds a fresh optimizer and learning-rate schedule over
+    exactly those parameters with the stage's epochs/steps, learning rate and warmup, trains, and evaluates.
+
+    Interventions are placed on each example's prompt tokens, the tokens `generate()` intervenes on at inference: the
+    collator adds `intervention_locations` from the prompt of prompt-completion and conversational data (the whole
+    sequence for plain text). Packing and padding-free batches are refused, since they drop the prompt boundaries.
+
+    Checkpoints go to `output_dir/stage-<i>-<stage>/checkpoint-<step>` and are complete only once
+    `heft_checkpoint.json` is written (last, atomically); `train(resume_from_checkpoint=True)` resumes the latest
+    complete one in its stage, with its optimizer, scheduler and RNG state.
+
+    Example:
+    ```python
+    >>> from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
+    >>> args = HeftSFTConfig(output_dir="out", lora_num_train_epochs=3, reft_num_train_epochs=3,
+    ...                      lora_learning_rate=2e-4, reft_learning_rate=9e-4)
+    >>> trainer = StagedSFTTrainer(model="path/to/model", args=args, train_dataset=ds,
+    ...                            peft_config=HeftConfig(target_modules=["q_proj", "v_proj"]))
+    >>> trainer.train()
+    >>> trainer.save_model()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "peft-heft", "heft"]
+    _name = "HEFT SFT"
+
+    def __init__(
+        self,
+        model,
+        args: HeftSFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        optimizers=(None, None),
+        peft_config: PeftConfig | None = None,
+        padding_side: str = "right",
+        **kwargs,
+    ):
+        args = _as_heft_args(args, model)
+        _check_supported(args, model, peft_config, optimizers)
+        self._stage_index: int | None = None
+        self._stage_name: str | None = None
+        self._completed_stages: dict[str, dict[str, float]] = {}
+        self.stage_log_history: list[dict[str, Any]] = []
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            optimizers=optimizers,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self._heft = _find_heft_tuner(self.model)
+        if self._heft is None:
+            raise TypeError(
+                "StagedSFTTrainer trains HEFT adapters: pass peft_config=HeftConfig(...) or a model wrapped with one."
+            )
+        config = self.model.peft_config[self.model.active_adapter]
+        self.data_collator = DataCollatorForHeft(
+            self.data_collator,
+            config.position_spec,
+            share_weights=config.share_intervention_weights,
+            padding_side=padding_side,
+        )
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(StageProgressCallback)
+        self._check_prompts_fit(self.train_dataset)
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if packing:
+            raise ValueError(_PACKING_ERROR)
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        pretokenized = "input_ids" in get_dataset_column_names(dataset)
+        if pretokenized:
+            dataset = dataset.map(pretokenized_prompt_length_fn, **map_kwargs)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
+        if not pretokenized:
+            if isinstance(dataset, Dataset):
+                map_kwargs["desc"] = f"Finding prompt tokens of {dataset_name} dataset"
+            dataset = dataset.map(
+                prompt_length_fn,
+                fn_kwargs={
+                    "tokenizer": self._tokenizer,
+                    "chat_template": self.chat_template,
+                    "keep_end": keep_end,
+                    "plain_text": formatting_func is not None,
+                },
+                **map_kwargs,
+            )
+        if isinstance(dataset, Dataset):
+            map_kwargs["desc"] = f"Fitting prompt lengths of {dataset_name} dataset to truncation"
+        return dataset.map(
+            truncate_prompt_length_fn, fn_kwargs={"keep_end": keep_end}, remove_columns=[FULL_LENGTH_COLUMN],
+            **map_kwargs,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PROMPT_LENGTH_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, PROMPT_LENGTH_COLUMN]
+
+    def _check_prompts_fit(self, dataset) -> None:
+        if not isinstance(dataset, Dataset) or PROMPT_LENGTH_COLUMN not in dataset.column_names or not len(dataset):
+            return
+        lengths = dataset[PROMPT_LENGTH_COLUMN]
+        empty = sum(1 for n in lengths if n == 0)
+        if empty == len(lengths) and any(s != "lora" for s in self.args.stage_order):
+            raise ValueError(
+                "No training example keeps any prompt token after truncation, so the interventions have no position "
+                f"to act on (max_length={self.args.max_length}, truncation_mode={self.args.truncation_mode!r}). "
+                "Raise max_length or use truncation_mode='keep_start'."
+            )
+        if empty:
+            from transformers.utils import logging
+
+            logging.get_logger(__name__).warning(
+                f"{empty} of {len(lengths)} training examples keep no prompt token after truncation; the "
+                "interventions skip them."
+            )
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def stage(self) -> str | None:
+        """The stage being trained, or `None` outside `train()`."""
+        return self._stage_name
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run every stage of `args.stage_order`; returns a `TrainOutput` whose metrics cover all stages.
+
+        Args:
+            resume_from_checkpoint (`str` or `bool`, *optional*):
+                A checkpoint folder written by this trainer, or `True` for the latest complete one in `output_dir`.
+                Training continues in that checkpoint's stage, then runs the remaining stages.
+        """
+        stages = list(self.args.stage_order)
+        start, checkpoint = 0, None
+        if resume_from_checkpoint not in (None, False):
+            checkpoint, marker = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, stages)
+            start = int(marker["stage_index"])
+            self._completed_stages = {k: dict(v) for k, v in marker.get("completed_stages", {}).items()}
+            self.stage_log_history = list(marker.get("stage_log_history", []))
+        else:
+            self._completed_stages, self.stage_log_history = {}, []
+        total_start = time.time()
+        try:
+            for index in range(start, len(stages)):
+                self._train_stage(index, stages[index], checkpoint if index == start else None, trial,
+                                  ignore_keys_for_eval, **kwargs)
+        finally:
+            self._stage_index = self._stage_name = None
+        self.state.log_history = list(self.stage_log_history)
+        return self._combined_output(stages, time.time() - total_start)
+
+    def _train_stage(self, index, stage, checkpoint, trial, ignore_keys_for_eval, **kwargs) -> None:
+        args = self.args
+        self._stage_index, self._stage_name = index, stage
+        if checkpoint is None:
+            self._apply_stage(stage)  # when resuming, done after the checkpoint's weights are loaded
+            enable_full_determinism(args.seed + index) if args.full_determinism else set_seed(args.seed + index)
+        # A fresh optimizer, schedule and DDP wrapper over exactly this stage's trainable parameters
+        self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model
+        saved = {option: getattr(args, option) for option in PER_STAGE_OPTIONS}
+        for option, value in args.stage_options(stage).items():
+            setattr(args, option, value)
+        self._call_stage_event("on_stage_begin")
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+            metrics = dict(output.metrics)
+            metrics["train_steps"] = output.global_step
+            if self.eval_dataset is not None and not self._evaluated_at_last_step():
+                metrics.update(self.evaluate())
+            else:
+                metrics.update({k: v for k, v in self._last_eval_logs().items() if k.startswith("eval_")})
+        finally:
+            for option, value in saved.items():
+                setattr(args, option, value)
+        self.stage_log_history.extend(self.state.log_history)
+        self._completed_stages[stage] = metrics
+        self._call_stage_event("on_stage_end", metrics=metrics)
+
+    def _apply_stage(self, stage: str) -> None:
+        trains_lora = stage in ("lora", "joint")
+        merged = any(getattr(m, "merged", False) for m in self.model.modules() if hasattr(m, "merged_adapters"))
+        if trains_lora and merged:
+            self.model.unmerge_adapter()
+        elif not trains_lora and self.args.merge_lora_before_reft and not merged:
+            self.model.merge_adapter()
+        self._heft.set_stage(stage)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._stage_name is not None:
+            self._apply_stage(self._stage_name)  # loading a trainable adapter selects the joint stage
+
+    def _call_stage_event(self, event: str, **kwargs) -> None:
+        for callback in self.callback_handler.callbacks:
+            handler = getattr(callback, event, None)
+            if callable(handler):
+                handler(
+                    self.args, self.state, self.control, stage=self._stage_name, stage_index=self._stage_index,
+                    num_stages=len(self.args.stage_order), model=self.model, **kwargs,
+                )
+
+    def _last_eval_logs(self) -> dict[str, Any]:
+        for entry in reversed(self.state.log_history):
+            if "eval_loss" in entry:
+                return entry
+        return {}
+
+    def _evaluated_at_last_step(self) -> bool:
+        return self._last_eval_logs().get("step") == self.state.global_step and self.state.global_step > 0
+
+    def _combined_output(self, stages: list[str], runtime: float) -> TrainOutput:
+        metrics: dict[str, float] = {}
+        steps, weighted_loss = 0, 0.0
+        for stage in stages:
+            stage_metrics = self._completed_stages.get(stage, {})
+            for key, value in stage_metrics.items():
+                metrics[f"{stage}_{key}"] = value
+            n = int(stage_metrics.get("train_steps", 0))
+            steps += n
+            weighted_loss += n * float(stage_metrics.get("train_loss", 0.0))
+        metrics["train_runtime"] = sum(self._completed_stages.get(s, {}).get("train_runtime", 0.0) for s in stages)
+        metrics["train_steps"] = steps
+        metrics["train_loss"] = weighted_loss / steps if steps else math.nan
+        metrics["total_wall_time"] = runtime
+        return TrainOutput(global_step=steps, training_loss=metrics["train_loss"], metrics=metrics)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._stage_name is not None:
+            logs = {**logs, "stage": self._stage_name}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if self._stage_name is None:
+            return run_dir
+        return os.path.join(run_dir, stage_dir_name(self._stage_index, self._stage_name))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rotation must not delete an older complete checkpoint before the new one is complete: run it after the marker
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        fsync_tree(folder)
+        write_json_atomic(
+            os.path.join(folder, MARKER_NAME),
+            {
+                "format": 1,
+                "stage_index": self._stage_index,
+                "stage": self._stage_name,
+                "stage_order": list(self.args.stage_order),
+                "global_step": self.state.global_step,
+                "completed_stages": self._completed_stages,
+                "stage_log_history": self.stage_log_history,
+            },
+        )
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the HEFT adapter (both stages' weights) to `output_dir`, replacing an earlier save atomically.
+
+        The files are written to a temporary folder first and moved in afterwards; `adapter_config.json`, which makes
+        the folder loadable, is moved last, so an interrupted save never looks complete.
+        """
+        if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        import shutil
+        import tempfile
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".heft-save-", dir=output_dir)
+        try:
+            super().save_model(staging, _internal_call=True)
+            fsync_tree(staging)
+            names = sorted(os.listdir(staging), key=lambda n: n == "adapter_config.json")
+            config_path = os.path.join(output_dir, "adapter_config.json")
+            if os.path.exists(config_path):
+                os.remove(config_path)  # the folder is incomplete until the new config lands
+            for name in names:
+                target = os.path.join(output_dir, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+_PACKING_ERROR = (
+    "StagedSFTTrainer does not support packing or padding-free batches: HEFT places interventions on each example's "
+    "prompt tokens, and packing merges examples into one row and drops their prompt boundaries. Set packing=False, "
+    "eval_packing=False and padding_free=False."
+)
+
+
+def _as_heft_args(args, model) -> HeftSFTConfig:
+    if isinstance(args, HeftSFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return HeftSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-HEFT")
+    raise TypeError(
+        f"StagedSFTTrainer needs args=HeftSFTConfig(...), got {type(args).__name__}. HeftSFTConfig takes every "
+        "SFTConfig option plus the stage schedule (stage_order, lora_*/reft_* epochs, steps and learning rates)."
+    )
+
+
+def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> None:
+    if args.packing or args.eval_packing or args.padding_free:
+        raise ValueError(_PACKING_ERROR)
+    if optimizers is not None and any(o is not None for o in optimizers):
+        raise ValueError(
+            "StagedSFTTrainer builds a fresh optimizer and schedule for each stage over that stage's parameters, so "
+            "a pre-built `optimizers=(optimizer, scheduler)` cannot be used. Pass `optimizer_cls_and_kwargs=(cls, "
+            "kwargs)` or set `optim` in HeftSFTConfig instead."
+        )
+    if peft_config is not None and not isinstance(peft_config, HeftConfig):
+        raise TypeError(
+            f"peft_config must be a HeftConfig for StagedSFTTrainer, got {type(peft_config).__name__}. HeftConfig "
+            "takes every LoraConfig option plus the intervention settings."
+        )
+    if is_peft_model(model):
+        peft_type = str(getattr(model.peft_config[model.active_adapter], "peft_type", ""))
+        if _find_heft_tuner(model) is None:
+            raise ValueError(
+                f"The model is already wrapped in a PEFT {peft_type.split('.')[-1]} adapter, not HEFT. Pass the base "
+                "model with peft_config=HeftConfig(...), or merge_and_unload() the other adapter first."
+            )
+    elif peft_config is None:
+        raise ValueError("StagedSFTTrainer needs peft_config=HeftConfig(...) (or a model already wrapped with HEFT).")

@@ -1,0 +1,75 @@
+"""A word-level tokenizer with a chat template, and a small learnable yes/no task, for trainer tests (offline)."""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+WORDS = [f"w{i}" for i in range(24)] + ["yes", "no", "?", "Answer:", "Is", "it", "big"]
+
+CHAT_TEMPLATE = (
+    "{{ '<s>' }}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "<|assistant|> {% generation %}{{ m['content'] }} </s>{% endgeneration %} "
+    "{%- else -%}<|{{ m['role'] }}|> {{ m['content'] }} {% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|> {% endif -%}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_sft_model(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    import torch
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(SPECIALS) + len(WORDS), max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def yes_no_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Questions of 3-6 words; the answer is 'yes' when the question has a word among w0..w11 before w12..w23 ones."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [f"w{rng.randrange(24)}" for _ in range(rng.randint(3, 6))]
+        answer = "yes" if int(words[0][1:]) < 12 else "no"
+        rows.append((" ".join(words) + " ?", answer))
+    return rows
+
+
+def make_dataset(kind: str, n: int = 32, seed: int = 0) -> Dataset:
+    rows = yes_no_rows(n, seed)
+    if kind == "prompt_completion":
+        return Dataset.from_list([{"prompt": q + " Answer:", "completion": " " + a} for q, a in rows])
+    if kind == "conversational_prompt_completion":
+        return Dataset.from_list(
+            [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+             for q, a in rows]
+        )
+    if kind == "messages":
+        return Dataset.from_list(
+            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in rows]
+        )
+    if kind == "text":
+        return Dataset.from_list([{"text": f"{q} Answer: {a}"} for q, a in rows])
+    raise ValueError(kind)
