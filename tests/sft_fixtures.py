@@ -41,7 +41,7 @@ def tiny_sft_model(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaFor
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=len(SPECIALS) + len(WORDS), max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.2,
     )
     return LlamaForCausalLM(config)
 

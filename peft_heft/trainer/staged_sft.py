@@ -207,7 +207,9 @@ class StagedSFTTrainer(SFTTrainer):
         self._stage_index, self._stage_name = index, stage
         if checkpoint is None:
             self._apply_stage(stage)  # when resuming, done after the checkpoint's weights are loaded
-            enable_full_determinism(args.seed + index) if args.full_determinism else set_seed(args.seed + index)
+        # Each stage starts from its own seed (the data order derives from it); a resumed stage then gets the
+        # checkpoint's RNG state back from Trainer
+        enable_full_determinism(args.seed + index) if args.full_determinism else set_seed(args.seed + index)
         # A fresh optimizer, schedule and DDP wrapper over exactly this stage's trainable parameters
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model
