@@ -391,7 +391,7 @@ def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> Non
             f"peft_config must be a HeftConfig for StagedSFTTrainer, got {type(peft_config).__name__}. HeftConfig "
             "takes every LoraConfig option plus the intervention settings."
         )
-    if is_peft_model(model):
+    if not isinstance(model, str) and is_peft_model(model):
         peft_type = str(getattr(model.peft_config[model.active_adapter], "peft_type", ""))
         if _find_heft_tuner(model) is None:
             raise ValueError(
