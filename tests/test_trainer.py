@@ -168,6 +168,34 @@ def test_merge_lora_before_reft_trains_the_same_interventions(tmp_path):
     assert "base_layer" not in " ".join(results[True][0])
 
 
+def test_load_best_model_at_end_keeps_each_stage_and_its_trainable_set(tmp_path):
+    args = sft_args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                    load_best_model_at_end=True, metric_for_best_model="eval_loss", lora_max_steps=8, reft_max_steps=8,
+                    greater_is_better=True)  # "best" = highest eval loss = the first checkpoint, never the last
+    recorder = Recorder()
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(), args=args, train_dataset=make_dataset("prompt_completion", 32),
+        eval_dataset=make_dataset("prompt_completion", 8, seed=5), processing_class=tiny_tokenizer(),
+        peft_config=peft_config(), callbacks=[recorder],
+    )
+    out = trainer.train()
+    assert trainer.model.stage == "reft"
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("heft_interventions" in n for n in trainable)
+    assert recorder.optimizer_sets["reft"] == {id(p) for n, p in trainer.model.named_parameters() if n in trainable}
+    # the stage-end metrics are those of the best checkpoint of each stage
+    for stage in ("lora", "reft"):
+        evals = [e["eval_loss"] for e in trainer.state.log_history if e.get("stage") == stage and "eval_loss" in e]
+        assert evals.index(max(evals)) == 0 and out.metrics[f"{stage}_eval_loss"] == pytest.approx(max(evals))
+    # the reft stage started from the LoRA stage's best checkpoint (step 2), not its last step
+    best_lora = load_file(tmp_path / "out" / "stage-0-lora" / "checkpoint-2" / "adapter_model.safetensors")
+    lora_at_reft_begin = recorder.snapshots[("reft", "begin")][0]
+    assert len(lora_at_reft_begin) == len([k for k in best_lora if "lora_" in k])
+    for name, value in lora_at_reft_begin.items():
+        key = next(k for k in best_lora if k.replace(".weight", "") in name.replace(".default", ""))
+        torch.testing.assert_close(value, best_lora[key], atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ collator positions
 def _collated(tmp_path, kind, padding_side="right", rows=(0, 1, 2), **arg_overrides):
     trainer = make_trainer(tmp_path, kind=kind, args=sft_args(tmp_path, **arg_overrides), padding_side=padding_side)

@@ -248,6 +248,11 @@ class StagedSFTTrainer(SFTTrainer):
         if self._stage_name is not None:
             self._apply_stage(self._stage_name)  # loading a trainable adapter selects the joint stage
 
+    def _load_best_model(self) -> None:
+        super()._load_best_model()  # best checkpoint of the current stage (checkpoints are tracked per stage)
+        if self._stage_name is not None:
+            self._apply_stage(self._stage_name)
+
     def _call_stage_event(self, event: str, **kwargs) -> None:
         for callback in self.callback_handler.callbacks:
             handler = getattr(callback, event, None)
@@ -264,6 +269,8 @@ class StagedSFTTrainer(SFTTrainer):
         return {}
 
     def _evaluated_at_last_step(self) -> bool:
+        if self.args.load_best_model_at_end:
+            return False  # the best checkpoint was just loaded: evaluate the model the next stage starts from
         return self._last_eval_logs().get("step") == self.state.global_step and self.state.global_step > 0
 
     def _combined_output(self, stages: list[str], runtime: float) -> TrainOutput:
