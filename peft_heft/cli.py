@@ -66,8 +66,12 @@ class HeftScriptArguments(ScriptArguments):
     )
 
 
-def parse_layers(text: str):
-    text = str(text).strip()
+def parse_layers(text):
+    if isinstance(text, (list, tuple)):  # a YAML list
+        return [int(v) for v in text]
+    if isinstance(text, int):
+        return text
+    text = str(text).strip().strip("[]")
     if text.lower() == "all":
         return "all"
     try:
@@ -79,6 +83,9 @@ def parse_layers(text: str):
 
 def build_heft_config(model_args: ModelConfig, heft_args) -> HeftConfig:
     """HeftConfig from TRL's LoRA flags (`--lora_r`, `--lora_target_modules`, ...) and the intervention flags."""
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear" and targets.replace("_", "").isalnum():
+        targets = [targets]  # TRL's ModelConfig turns one --lora_target_modules value into a (regex) string
     options = {f.name: getattr(heft_args, f.name) for f in _INTERVENTION_FIELDS}
     options["intervention_layers"] = parse_layers(options["intervention_layers"])
     return HeftConfig(
@@ -86,7 +93,7 @@ def build_heft_config(model_args: ModelConfig, heft_args) -> HeftConfig:
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
+        target_modules=targets,
         modules_to_save=model_args.lora_modules_to_save,
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
@@ -111,7 +118,14 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
     return data if isinstance(data, dict) else DatasetDict({"train": data})
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: parse, train, evaluate, save. Returns the exit status (0)."""
+    train_from_args(argv)
+    return 0
+
+
+def train_from_args(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` like ``heft-sft`` and run; returns the results written to ``heft_results.json``."""
     parser = TrlParser(
         (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments),
         prog="heft-sft",
@@ -187,4 +201,4 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

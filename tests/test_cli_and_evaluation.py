@@ -14,7 +14,7 @@ from peft import PeftModel
 from sft_fixtures import make_dataset, tiny_sft_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from peft_heft.cli import main, parse_layers
+from peft_heft.cli import main, parse_layers, train_from_args
 from peft_heft.evaluation import evaluate_generation_accuracy, extract_answer
 
 
@@ -39,7 +39,7 @@ def test_heft_sft_cli_trains_evaluates_and_saves_from_yaml_and_flags(tmp_path, l
     config = {
         "model_name_or_path": str(local_model), "dataset_name": str(data), "output_dir": str(out),
         "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"], "lora_task_type": "CAUSAL_LM",
-        "intervention_layers": "0,1", "intervention_rank": 2, "intervention_positions": "f2+l2",
+        "intervention_layers": [0, 1], "intervention_rank": 2, "intervention_positions": "f2+l2",
         "lora_max_steps": 20, "reft_max_steps": 20, "lora_learning_rate": 2e-2, "reft_learning_rate": 2e-2,
         "per_device_train_batch_size": 8, "use_cpu": True, "bf16": False, "report_to": "none",
         "save_strategy": "no", "eval_strategy": "no", "eval_split_size": 16, "eval_accuracy": True,
@@ -49,7 +49,7 @@ def test_heft_sft_cli_trains_evaluates_and_saves_from_yaml_and_flags(tmp_path, l
     config_path = tmp_path / "heft.yaml"
     config_path.write_text(yaml.safe_dump(config))
     # a flag overrides the YAML value
-    results = main(["--config", str(config_path), "--reft_max_steps", "10"])
+    results = train_from_args(["--config", str(config_path), "--reft_max_steps", "10"])
     assert results["train"]["lora_train_steps"] == 20 and results["train"]["reft_train_steps"] == 10
     accuracy = results["generation_accuracy"]
     assert accuracy["total"] == 16 and 0.0 <= accuracy["accuracy"] <= 1.0
@@ -64,6 +64,20 @@ def test_heft_sft_cli_trains_evaluates_and_saves_from_yaml_and_flags(tmp_path, l
     held_out = load_dataset("json", data_files=str(data))["train"].train_test_split(test_size=16, seed=42)["test"]
     again = evaluate_generation_accuracy(model, tiny_tokenizer(), held_out, choices=["yes", "no"], max_new_tokens=2)
     assert again["correct"] == accuracy["correct"]
+
+
+def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
+    script = os.path.join(os.path.dirname(sys.executable), "heft-sft")
+    data = write_jsonl(tmp_path / "train.jsonl", make_dataset("messages", 16))
+    proc = subprocess.run(
+        [script, "--model_name_or_path", str(local_model), "--dataset_name", str(data), "--output_dir",
+         str(tmp_path / "o"), "--use_cpu", "--bf16", "false", "--report_to", "none", "--lora_max_steps", "2",
+         "--reft_max_steps", "2", "--lora_target_modules", "q_proj", "--lora_task_type", "CAUSAL_LM",
+         "--save_strategy", "no", "--intervention_layers", "1", "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
 def test_heft_sft_console_script_help_and_bad_input(tmp_path):
@@ -81,6 +95,7 @@ def test_heft_sft_console_script_help_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="intervention_layers"):
         parse_layers("2;4")
     assert parse_layers("all") == "all" and parse_layers("3") == 3 and parse_layers("2, 4,-1") == [2, 4, -1]
+    assert parse_layers("[0, 1]") == [0, 1] and parse_layers([0, 1]) == [0, 1]
 
 
 def test_extract_answer_like_pyreft_boolq():

@@ -270,6 +270,12 @@ def test_pretokenized_dataset_uses_completion_mask(tmp_path):
     assert example["labels"] == [-100] * 6 + [31, 2]
     batch = trainer.data_collator([example])
     assert batch["intervention_locations"][0].tolist() == [[0, 1], [4, 5]]
+    # without completion_mask, leading -100 labels mark the prompt; unmasked labels mean the whole sequence
+    data = Dataset.from_list([{"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [-100] * 5 + [34, 31, 2]},
+                              {"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [1, 8, 9, 10, 33, 34, 31, 2]}])
+    trainer = StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data,
+                               processing_class=tiny_tokenizer(), peft_config=peft_config())
+    assert trainer.train_dataset["heft_prompt_length"] == [5, 8]
 
 
 # ------------------------------------------------------------------ saving / resuming
@@ -336,6 +342,37 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash_stage):
     assert {e["stage"] for e in resumed.state.log_history if "stage" in e} == {"lora", "reft"}
     # save_total_limit=2 keeps two complete checkpoints per stage
     assert len([c for c in complete_checkpoints(str(tmp_path / "run" / "out")) if c[0] == 1]) == 2
+
+
+def test_resume_from_the_checkpoint_that_ends_a_stage_starts_the_next_stage(tmp_path):
+    def args(sub):  # constant LR: an extra step in the finished stage would change the weights
+        return sft_args(tmp_path / sub, lora_max_steps=6, reft_max_steps=4, save_strategy="steps", save_steps=3,
+                        lr_scheduler_type="constant")
+
+    reference = make_trainer(tmp_path, args=args("ref"))
+    reference.train()
+    crashed = make_trainer(tmp_path, args=args("run"), callbacks=[CrashAt("reft", 1)])
+    with pytest.raises(Crash):
+        crashed.train()
+    assert complete_checkpoints(str(tmp_path / "run" / "out"))[-1][:2] == (0, 6)
+    resumed = make_trainer(tmp_path, args=args("run"))
+    out = resumed.train(resume_from_checkpoint="true")  # as given on the command line
+    assert out.metrics["lora_train_steps"] == 6 and out.metrics["reft_train_steps"] == 4
+    expected, got = _adapter_weights(reference), _adapter_weights(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_resume_true_picks_the_newest_run_not_the_furthest_stage(tmp_path):
+    args = sft_args(tmp_path, lora_max_steps=3, reft_max_steps=3, save_strategy="steps", save_steps=3)
+    make_trainer(tmp_path, args=args).train()  # a finished run: stage-1-reft/checkpoint-3
+    crashed = make_trainer(tmp_path, args=sft_args(tmp_path, lora_max_steps=6, reft_max_steps=3,
+                                                   save_strategy="steps", save_steps=3),
+                           callbacks=[CrashAt("lora", 4)])
+    with pytest.raises(Crash):
+        crashed.train()  # rewrites stage-0-lora/checkpoint-3, newer than the old run's stage-1 checkpoint
+    newest = complete_checkpoints(str(tmp_path / "out"))[-1]
+    assert newest[:2] == (0, 3)
 
 
 def test_interrupted_checkpoint_save_is_never_resumed(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def read_marker(checkpoint: str) -> dict | None:
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, int, str]]:
-    """``(stage_index, step, path)`` of every complete staged checkpoint under ``output_dir``, oldest first."""
+    """``(stage_index, step, path)`` of every complete staged checkpoint under ``output_dir``, oldest written first."""
     found = []
     if not os.path.isdir(output_dir):
         return found
@@ -75,7 +75,8 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, int, str]]:
             path = os.path.join(stage_path, name)
             if match and os.path.isdir(path) and read_marker(path) is not None:
                 found.append((int(stage_match[1]), int(match[1]), path))
-    return sorted(found)
+    # newest marker last: a finished older run's late-stage checkpoint must not win over a newer run's
+    return sorted(found, key=lambda item: (os.path.getmtime(os.path.join(item[2], MARKER_NAME)), item[0], item[1]))
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: str, stage_order: list[str]) -> tuple:

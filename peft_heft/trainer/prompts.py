@@ -48,15 +48,14 @@ def _prompt_and_full(example: dict[str, Any]):
     return None, None
 
 
-def prompt_length_fn(
-    example: dict[str, Any], tokenizer, chat_template, keep_end: bool, plain_text: bool = False
-) -> dict[str, int]:
+def prompt_length_fn(example: dict[str, Any], tokenizer, chat_template, keep_end: bool) -> dict[str, int]:
     """``datasets.map`` function: prompt token count and untruncated length of one prepared example.
 
-    ``plain_text`` marks data a formatting function turned into plain text: its prompt is the whole sequence.
+    Follows TRL's own order: a `prompt`/`completion` pair wins over `messages`, which wins over text (also when a
+    formatting function added a `text` column, TRL tokenizes the prompt-completion or messages columns).
     """
     n_ids = len(example["input_ids"])
-    prompt, full = (None, None) if plain_text else _prompt_and_full(example)
+    prompt, full = _prompt_and_full(example)
     if prompt is None:
         return {PROMPT_LENGTH_COLUMN: n_ids, FULL_LENGTH_COLUMN: n_ids}
     conversational = not isinstance(prompt, str)
@@ -68,13 +67,17 @@ def prompt_length_fn(
 
 
 def pretokenized_prompt_length_fn(example: dict[str, Any]) -> dict[str, int]:
-    """For datasets that come tokenized: the prompt is the leading zeros of ``completion_mask`` when present."""
+    """For datasets that come tokenized: the prompt is a ``heft_prompt_length`` column, else the leading zeros of
+    ``completion_mask``, else the leading ``-100`` labels; with none of them, the whole sequence."""
     ids = example["input_ids"]
+    labels = example.get("labels")
     if example.get(PROMPT_LENGTH_COLUMN) is not None:
         n = int(example[PROMPT_LENGTH_COLUMN])
     elif example.get("completion_mask") is not None:
         mask = example["completion_mask"]
         n = next((i for i, bit in enumerate(mask) if bit), len(mask))
+    elif labels is not None and len(labels) and labels[0] == -100:
+        n = next((i for i, label in enumerate(labels) if label != -100), len(labels))
     else:
         n = len(ids)
     return {PROMPT_LENGTH_COLUMN: n, FULL_LENGTH_COLUMN: len(ids)}

@@ -11,7 +11,8 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft import PeftConfig
 from transformers import set_seed
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, rotate_checkpoints
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
@@ -114,6 +115,13 @@ class StagedSFTTrainer(SFTTrainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(StageProgressCallback)
         self._check_prompts_fit(self.train_dataset)
+        if self._skip_prepare_dataset:
+            from transformers.utils import logging
+
+            logging.get_logger(__name__).warning(
+                "skip_prepare_dataset=True: the trainer cannot find where each prompt ends, so interventions go on "
+                f"all tokens unless your examples carry a '{PROMPT_LENGTH_COLUMN}' column."
+            )
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -134,7 +142,6 @@ class StagedSFTTrainer(SFTTrainer):
                     "tokenizer": self._tokenizer,
                     "chat_template": self.chat_template,
                     "keep_end": keep_end,
-                    "plain_text": formatting_func is not None,
                 },
                 **map_kwargs,
             )
@@ -185,11 +192,14 @@ class StagedSFTTrainer(SFTTrainer):
         """
         stages = list(self.args.stage_order)
         start, checkpoint = 0, None
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "false"):
+            resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"  # from the command line
         if resume_from_checkpoint not in (None, False):
             checkpoint, marker = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, stages)
             start = int(marker["stage_index"])
             self._completed_stages = {k: dict(v) for k, v in marker.get("completed_stages", {}).items()}
             self.stage_log_history = list(marker.get("stage_log_history", []))
+            start, checkpoint = self._skip_finished_stage(start, stages, checkpoint)
         else:
             self._completed_stages, self.stage_log_history = {}, []
         total_start = time.time()
@@ -201,6 +211,22 @@ class StagedSFTTrainer(SFTTrainer):
             self._stage_index = self._stage_name = None
         self.state.log_history = list(self.stage_log_history)
         return self._combined_output(stages, time.time() - total_start)
+
+    def _skip_finished_stage(self, index: int, stages: list[str], checkpoint: str) -> tuple[int, str | None]:
+        """A checkpoint taken at a stage's last step closes that stage: load it and start the next stage fresh."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if not (state.max_steps > 0 and state.global_step >= state.max_steps):
+            return index, checkpoint
+        self._stage_index, self._stage_name = index, stages[index]
+        self._load_from_checkpoint(checkpoint)
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        # the stage's train_loss is the mean of its logged losses (its running total is not in the checkpoint)
+        self._completed_stages[stages[index]] = {
+            "train_steps": state.global_step,
+            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+        }
+        self.stage_log_history.extend(state.log_history)
+        return index + 1, None
 
     def _train_stage(self, index, stage, checkpoint, trial, ignore_keys_for_eval, **kwargs) -> None:
         args = self.args
