@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ from transformers import set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, rotate_checkpoints
+from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
@@ -35,6 +38,8 @@ from .prompts import (
     prompt_length_fn,
     truncate_prompt_length_fn,
 )
+
+logger = logging.get_logger(__name__)
 
 
 class StagedSFTTrainer(SFTTrainer):
@@ -116,9 +121,7 @@ class StagedSFTTrainer(SFTTrainer):
             self.add_callback(StageProgressCallback)
         self._check_prompts_fit(self.train_dataset)
         if self._skip_prepare_dataset:
-            from transformers.utils import logging
-
-            logging.get_logger(__name__).warning(
+            logger.warning(
                 "skip_prepare_dataset=True: the trainer cannot find where each prompt ends, so interventions go on "
                 f"all tokens unless your examples carry a '{PROMPT_LENGTH_COLUMN}' column."
             )
@@ -169,9 +172,7 @@ class StagedSFTTrainer(SFTTrainer):
                 "Raise max_length or use truncation_mode='keep_start'."
             )
         if empty:
-            from transformers.utils import logging
-
-            logging.get_logger(__name__).warning(
+            logger.warning(
                 f"{empty} of {len(lengths)} training examples keep no prompt token after truncation; the "
                 "interventions skip them."
             )
@@ -367,9 +368,6 @@ class StagedSFTTrainer(SFTTrainer):
         """
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
-        import shutil
-        import tempfile
-
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".heft-save-", dir=output_dir)
