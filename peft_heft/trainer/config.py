@@ -107,8 +107,6 @@ class HeftSFTConfig(SFTConfig):
                     f"Stage {stage!r} would train {options['num_train_epochs']} epochs. Set {stage}_num_train_epochs "
                     f"> 0 or {stage}_max_steps > 0, or remove {stage!r} from stage_order."
                 )
-            if options["learning_rate"] is not None and options["learning_rate"] <= 0:
-                raise ValueError(f"{stage}_learning_rate must be > 0, got {options['learning_rate']}.")
         for stage in STAGE_NAMES:
             lr = getattr(self, f"{stage}_learning_rate")
             if lr is not None and lr <= 0:
