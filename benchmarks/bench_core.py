@@ -70,6 +70,9 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about 
 SHAPES = {
     # hidden 512, intermediate 1376, 8 layers, 8 heads (MHA), untied vocab 24000: 49,881,600 parameters
     "full": dict(hidden=512, intermediate=1376, layers=8, heads=8, vocab=24000, batch=8, seq=256, prompt=64, new=32),
+    # the embedded SmolLM2-135M-Instruct (peft_heft.assets; tied embeddings, GQA 9/3 heads): issue 5's real model
+    "smollm2": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", hidden=576, intermediate=1536, layers=30, heads=9,
+                    vocab=49152, batch=8, seq=256, prompt=64, new=32),
     "quick": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=1000, batch=8, seq=32, prompt=16, new=8),
 }
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -103,6 +106,17 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- model and data
 def build_base(shape: dict) -> LlamaForCausalLM:
     torch.manual_seed(0)
+    if shape.get("model"):
+        from peft_heft.assets import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(shape["model"], dtype=torch.float32)
+        c = model.config
+        found = dict(hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
+                     heads=c.num_attention_heads, vocab=c.vocab_size)
+        assert found == {k: shape[k] for k in found}, f"{shape['model']} has {found}"
+        model.config.use_cache = False
+        model.eval().requires_grad_(False)
+        return model
     config = LlamaConfig(
         hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=shape["vocab"],
@@ -604,6 +618,8 @@ TARGETS = [
      "interventions add <= 5% to a LoRA-only step"),
     ("heft_reft_merged / lora_step", "heft_reft_merged_step", "lora_step", "<=", 1.05,
      "same, LoRA merged into the weights"),
+    ("heft_reft_merged / lora_step (<= 0.6)", "heft_reft_merged_step", "lora_step", "<=", 0.6,
+     "a reft-stage step with LoRA merged costs <= 0.6x a LoRA step (issue 5)"),
     ("heft_generate_tps / lora_generate_tps", "heft_generate", "lora_generate", ">=", 0.95,
      "generation with interventions >= 95% of LoRA-only tokens/s"),
     ("heft_reft_unmerged / pyreft_step", "heft_reft_step", "pyreft_step", "<=", 1.0,
@@ -662,7 +678,8 @@ def markdown(result: dict) -> str:
         f"pyreft {env['pyreft']} · commit `{(env['git_commit'] or '')[:10]}`"
         f"{' (peft_heft modified)' if env['peft_heft_dirty'] else ''}",
         "",
-        f"Model: Llama, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, {s['heads']} heads, "
+        (f"Model: **{s['model']}** (embedded copy, peft_heft.assets), " if s.get("model") else "Model: ") +
+        f"Llama, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, {s['heads']} heads, "
         f"vocab {s['vocab']}: **{s['parameters']:,} parameters**, fp32, CPU. Batch {s['batch']} x {s['seq']} tokens "
         f"(rows left-padded to {s['real_lengths']} real tokens). LoRA r={LORA['r']} on q_proj, v_proj; interventions "
         f"LoReFT rank {INTERVENTION_RANK} on all {s['layers']} layers' block output, positions {POSITIONS} "
@@ -769,6 +786,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 steps (smoke run); no results written")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="the embedded SmolLM2-135M-Instruct instead of the random 50M Llama (results/smollm2_cpu.*)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default benchmarks/results for a full run; none for --quick)")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds per step variant (full: 15)")
@@ -789,7 +808,7 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
-    shape_name = "quick" if args.quick else "full"
+    shape_name = "quick" if args.quick else "smollm2" if args.smollm2 else "full"
     shape = SHAPES[shape_name]
     steps = args.steps or (2 if args.quick else 15)
     gen_repeats = args.gen_repeats or (2 if args.quick else 15)
@@ -888,7 +907,7 @@ def main() -> None:
     print(md)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = "core_cpu" if shape_name == "full" else "core_cpu_quick"
+        stem = {"full": "core_cpu", "smollm2": "smollm2_cpu"}.get(shape_name, "core_cpu_quick")
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (out_dir / f"{stem}.md").write_text(md)
         log(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")

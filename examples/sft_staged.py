@@ -2,7 +2,7 @@
 
 What it shows, offline (nothing is downloaded):
 
-1. a prompt-completion dataset (the synthetic review -> pos/neg task of `demo.py`) as a `datasets.Dataset`;
+1. a prompt-completion dataset (the synthetic review -> pos/neg task of `plain_pytorch.py`) as a `datasets.Dataset`;
 2. `HeftSFTConfig` (every `SFTConfig` option + per-stage epochs and learning rates) and `StagedSFTTrainer`, a drop-in
    for `trl.SFTTrainer` that takes a `HeftConfig`;
 3. a `HeftCallback` that measures generation accuracy (greedy `generate`, answer match) at each stage end;
@@ -25,7 +25,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, set_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo import make_example, make_tokenizer  # noqa: E402  (the task and tokenizer of the plain-PyTorch demo)
+from plain_pytorch import make_example, make_tokenizer  # noqa: E402  (the task and tokenizer of plain_pytorch.py)
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
 from peft_heft.evaluation import evaluate_generation_accuracy  # noqa: E402

@@ -5,6 +5,8 @@ Examples:
 heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name data/train.jsonl \
     --output_dir out --lora_num_train_epochs 3 --reft_num_train_epochs 3 \
     --lora_target_modules q_proj v_proj --intervention_layers 2,4,6 --intervention_positions f7+l7
+heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name embedded:strategyqa \
+    --output_dir out --eval_accuracy --answer_choices yes,no   # offline: embedded model and data (peft_heft.assets)
 heft-sft --config heft.yaml          # any option in YAML; flags override it
 ```
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from .assets.model import resolve_model_name_or_path
 from .config import HeftConfig
 from .trainer.config import HeftSFTConfig
 
@@ -104,10 +107,18 @@ def build_heft_config(model_args: ModelConfig, heft_args) -> HeftConfig:
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+EMBEDDED_PREFIX = "embedded:"
+
+
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """A local json/jsonl/csv/parquet file, a local dataset folder, or a dataset name on the Hub."""
+    """A local json/jsonl/csv/parquet file, an embedded task (``embedded:strategyqa``, see ``peft_heft.assets``), a
+    local dataset folder, or a dataset name on the Hub."""
     from datasets import DatasetDict, load_dataset
 
+    if name.startswith(EMBEDDED_PREFIX):
+        from .assets import load_task_dataset
+
+        return load_task_dataset(name[len(EMBEDDED_PREFIX):])
     if os.path.isfile(name):
         ext = os.path.splitext(name)[1].lower()
         if ext not in _FILE_BUILDERS:
@@ -172,7 +183,7 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         train, evaluation = parts["train"], parts["test"]
 
     trainer = StagedSFTTrainer(
-        model=model_args.model_name_or_path,
+        model=resolve_model_name_or_path(model_args.model_name_or_path),
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation if wants_eval else None,

