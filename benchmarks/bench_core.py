@@ -87,6 +87,7 @@ STEP_VARIANTS = {
     "heft_reft_merged_step": "(d) HEFT stage 'reft' training step after merge_adapter()",
     "pyreft_step": "(e) pyreft LoReFT training step, same layers/positions",
     "heft_lora_step": "(f) HEFT stage 'lora' training step (interventions off)",
+    "heft_reft_merged_top_step": "(g) as (d), interventions on the top half of the layers only",
 }
 FORWARD_VARIANTS = {
     "heft_reft_forward": "HEFT stage 'reft', forward only (no grad): interventions applied",
@@ -182,14 +183,14 @@ def build_lora(base, shape):
     return model
 
 
-def build_heft(base, shape, interventions, stage: str, merged: bool = False):
+def build_heft(base, shape, interventions, stage: str, merged: bool = False, layers="all"):
     config = peft_heft.HeftConfig(
-        task_type="CAUSAL_LM", **LORA, intervention_layers="all", intervention_rank=INTERVENTION_RANK,
+        task_type="CAUSAL_LM", **LORA, intervention_layers=layers, intervention_rank=INTERVENTION_RANK,
         intervention_positions=POSITIONS,
     )
     model = peft.get_peft_model(copy.deepcopy(base), config)
     set_lora_weights(model)
-    if interventions is not None:
+    if interventions is not None and layers == "all":
         copy_into_heft(model, interventions, shape)
     model.base_model.set_stage(stage)
     if merged:
@@ -249,6 +250,10 @@ class Bench:
             self.models["heft_reft"] = build_heft(self.base, shape, self.interventions, "reft")
         if need & {"heft_reft_merged_step"}:
             self.models["heft_reft_merged"] = build_heft(self.base, shape, self.interventions, "reft", merged=True)
+        if need & {"heft_reft_merged_top_step"}:
+            # the backward pass stops at the lowest intervened layer: how the reft step scales with that layer
+            top = list(range(shape["layers"] // 2, shape["layers"]))
+            self.models["heft_reft_merged_top"] = build_heft(self.base, shape, None, "reft", merged=True, layers=top)
         if need & {"heft_lora_step", "heft_lora_forward"}:
             self.models["heft_lora"] = build_heft(self.base, shape, self.interventions, "lora")
         if "pyreft_step" in need:
@@ -628,6 +633,8 @@ TARGETS = [
      "HEFT's reft step no slower than pyreft's, like for like (neither runs a LoRA branch)"),
 ]
 INFO_RATIOS = [
+    ("heft_reft_merged_top / lora_step", "heft_reft_merged_top_step", "lora_step"),
+    ("base_forward / lora_step", "base_forward", "lora_step"),
     ("heft_lora_step / lora_step", "heft_lora_step", "lora_step"),
     ("heft_reft_unmerged / heft_lora_step", "heft_reft_step", "heft_lora_step"),
     ("pyreft_step / lora_step", "pyreft_step", "lora_step"),
@@ -671,7 +678,7 @@ def markdown(result: dict) -> str:
     s = result["setup"]
     env = result["environment"]
     lines = [
-        "# peft-heft core CPU benchmark",
+        f"# peft-heft {'SmolLM2-135M' if s.get('model') else 'core'} CPU benchmark",
         "",
         f"{env['date_utc']} · {env['cpu_model']} · {env['cpus_usable']} usable CPUs · torch {env['torch']} "
         f"({env['torch_num_threads']} threads) · transformers {env['transformers']} · peft {env['peft']} · "

@@ -2,7 +2,8 @@
 
 Run by hand from the repository root (after `make assets`)::
 
-    python benchmarks/replicate_heft.py            # the committed run (about 1.5 h on 2 CPU cores)
+    python benchmarks/replicate_heft.py            # 3 methods x 2 seeds x 2 tasks, about 1 h on 2 CPU cores
+    python benchmarks/replicate_heft.py --methods heft_long --seeds 0   # adds HEFT 20+20 (seed 0), about 30 min
     python benchmarks/replicate_heft.py --quick    # 2 tasks x 1 seed x a few steps: a smoke run into out/
 
 Model: the embedded SmolLM2-135M-Instruct. Tasks: StrategyQA (yes/no questions, the closest to the paper's BoolQ)
