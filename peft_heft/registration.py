@@ -47,6 +47,7 @@ def register_heft() -> None:
     from .model import HeftModel
 
     member = _add_enum_member(PeftType, HEFT_NAME, HEFT_NAME)
+    _add_model_card_section()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is HeftModel:
         return
     if member in PEFT_TYPE_TO_TUNER_MAPPING:
@@ -55,3 +56,29 @@ def register_heft() -> None:
             f"({PEFT_TYPE_TO_TUNER_MAPPING[member].__module__}); peft-heft cannot register its own."
         )
     register_peft_method(name=HEFT_NAME.lower(), config_cls=HeftConfig, model_cls=HeftModel, prefix=HeftModel.prefix)
+
+
+def _add_model_card_section() -> None:
+    """After PEFT writes its model card for a HEFT adapter, add the HEFT section (settings, loading snippet).
+
+    PEFT has no per-method hook for the card, so ``PeftModel.create_or_update_model_card`` is wrapped once; the
+    wrapper does nothing more for other PEFT methods.
+    """
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_peft_heft_wrapped", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        from .config import HeftConfig
+        from .modelcard import update_model_card
+
+        config = self.peft_config.get(self.active_adapter)
+        if isinstance(config, HeftConfig):
+            update_model_card(output_dir, config)
+
+    create_or_update_model_card._peft_heft_wrapped = True
+    create_or_update_model_card.__doc__ = original.__doc__
+    PeftModel.create_or_update_model_card = create_or_update_model_card

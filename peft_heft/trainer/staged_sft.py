@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ from trl.data_utils import get_dataset_column_names
 
 from ..config import HeftConfig
 from ..model import _find_heft_tuner
+from ..modelcard import loading_snippet, update_model_card
 from .callbacks import StageProgressCallback
 from .checkpoints import (
     MARKER_NAME,
@@ -372,6 +374,9 @@ class StagedSFTTrainer(SFTTrainer):
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".heft-save-", dir=output_dir)
         try:
+            card = os.path.join(output_dir, "README.md")
+            if os.path.isfile(card):  # PEFT updates an existing card in place: keep what the user wrote in it
+                shutil.copy2(card, os.path.join(staging, "README.md"))
             super().save_model(staging, _internal_call=True)
             fsync_tree(staging)
             names = sorted(os.listdir(staging), key=lambda n: n == "adapter_config.json")
@@ -387,6 +392,46 @@ class StagedSFTTrainer(SFTTrainer):
             shutil.rmtree(staging, ignore_errors=True)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """TRL's model card, with TRL's quick start replaced by HEFT's loading code (which needs `import peft_heft`)
+        and a HEFT section: both stages' settings, their schedule, the data set and the final metrics."""
+        if not self.is_world_process_zero():
+            return
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        text = re.sub(r"## Quick start\n.*?(?=\n## )", lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
+                      text, count=1, flags=re.DOTALL)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        config = self.model.peft_config[self.model.active_adapter]
+        training = {}
+        for stage in self.args.stage_order:
+            options = self.args.stage_options(stage)
+            steps = self._completed_stages.get(stage, {}).get("train_steps")
+            training[stage] = {
+                "epochs": options["num_train_epochs"] if options["max_steps"] in (-1, None) else "-",
+                "max_steps": options["max_steps"] if options["max_steps"] not in (-1, None) else "-",
+                "learning_rate": options["learning_rate"],
+                "steps trained": steps if steps is not None else "-",
+            }
+        update_model_card(self.args.output_dir, config, model_id=model_id, training=training,
+                          dataset_name=dataset_name, metrics=self._card_metrics(),
+                          tags=[tags] if isinstance(tags, str) else list(tags or []))
+
+    def _card_metrics(self) -> dict:
+        metrics = {}
+        for stage, values in self._completed_stages.items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and ("loss" in key or key.startswith("eval_")):
+                    metrics[f"{stage}_{key}"] = value
+        return metrics
 
 
 _PACKING_ERROR = (
