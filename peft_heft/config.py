@@ -134,6 +134,20 @@ class HeftConfig(LoraConfig):
         return self.position_spec.num_groups(self.share_intervention_weights)
 
 
+def _check_safetensors_header(path: str) -> None:
+    """Read only the header of ``path``, so a truncated or corrupt weights file fails here with its name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}). It is probably truncated or corrupt: copy or "
+            "download the adapter again, or save it again with save_pretrained."
+        ) from error
+
+
 def _refuse_pickled_weights(config_cls):
     """Wrap ``from_pretrained`` so a local HEFT adapter holding only pickled weights is refused early."""
     original = config_cls.from_pretrained.__func__
@@ -151,6 +165,14 @@ def _refuse_pickled_weights(config_cls):
                     "so that loading an adapter never runs code from it. Where you trust the file, convert it once to "
                     "adapter_model.safetensors with safetensors.torch.save_file."
                 )
+            if not has_safetensors and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                raise FileNotFoundError(
+                    f"{folder} has adapter_config.json but no adapter_model.safetensors: the adapter's weights are "
+                    "missing (an interrupted copy or download?). Copy the whole adapter folder again, or save it again "
+                    "with save_pretrained."
+                )
+            if has_safetensors:
+                _check_safetensors_header(os.path.join(folder, "adapter_model.safetensors"))
         return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     from_pretrained.__doc__ = original.__doc__

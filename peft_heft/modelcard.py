@@ -157,7 +157,7 @@ def update_model_card(
     path = os.path.join(output_dir, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     data = card.data
-    data.library_name = data.library_name or "peft"
+    data.library_name = "peft"  # loaded with PEFT (a card from transformers' push_to_hub says "transformers")
     base = config.base_model_name_or_path
     if base and not os.path.isdir(base) and not data.base_model:
         data.base_model = base

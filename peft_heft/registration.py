@@ -82,3 +82,19 @@ def _add_model_card_section() -> None:
     create_or_update_model_card._peft_heft_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    # `PeftModel.push_to_hub` is transformers' PushToHubMixin.push_to_hub: it saves into a temporary folder, then
+    # overwrites README.md with the Hub's card (or a generic one) and uploads the folder. Add the HEFT section to
+    # whatever card is about to be uploaded.
+    upload = PeftModel._upload_modified_files
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        from .config import HeftConfig
+        from .modelcard import update_model_card
+
+        config = self.peft_config.get(self.active_adapter)
+        if isinstance(config, HeftConfig):
+            update_model_card(working_dir, config, model_id=repo_id)
+        return upload(self, working_dir, repo_id, *args, **kwargs)
+
+    PeftModel._upload_modified_files = _upload_modified_files

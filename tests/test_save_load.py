@@ -156,7 +156,15 @@ def test_corrupt_weights_file_is_an_error(tmp_path):
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|deserializ"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is not a readable safetensors file .*truncated"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_missing_weights_file_names_the_folder(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has adapter_config.json but no adapter_model.safetensors"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -210,7 +218,11 @@ def test_push_to_hub_uploads_a_folder_that_reloads(tmp_path, monkeypatch):
     fake = _FakeHub(tmp_path / "remote")
     monkeypatch.setattr(hub, "hf_api", lambda: fake)
 
-    def no_card(*args, **kwargs):
+    load_card = huggingface_hub.ModelCard.load
+
+    def no_card(repo_id_or_path, *args, **kwargs):  # no card on the (fake) Hub yet; local files load as usual
+        if os.path.exists(repo_id_or_path):
+            return load_card(repo_id_or_path, *args, **kwargs)
         raise huggingface_hub.errors.EntryNotFoundError("no README yet")
 
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", no_card)
@@ -222,6 +234,9 @@ def test_push_to_hub_uploads_a_folder_that_reloads(tmp_path, monkeypatch):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
     folder = tmp_path / "remote" / "user" / "heft-adapter"
     assert PeftConfig.from_pretrained(folder).peft_type == "HEFT"
+    card = (folder / "README.md").read_text()
+    assert "import peft_heft" in card and "| `intervention_positions` | f2+l2 |" in card
+    assert 'AutoPeftModelForCausalLM.from_pretrained("user/heft-adapter")' in card and "library_name: peft" in card
     ids, mask, _ = left_padded_batch()
     reloaded = PeftModel.from_pretrained(clone(base), folder).eval()
     assert torch.equal(logits(reloaded, ids, mask), logits(model, ids, mask, stage="frozen"))
