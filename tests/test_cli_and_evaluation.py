@@ -134,3 +134,20 @@ def test_generation_accuracy_counts_exact_answers():
         evaluate_generation_accuracy(Scripted(tok), tok, make_dataset("prompt_completion", 4), choices=["true"])
     with pytest.raises(ValueError, match="prompt-completion"):
         evaluate_generation_accuracy(Scripted(tok), tok, make_dataset("text", 4))
+
+
+def test_cli_loads_embedded_tasks_by_prefix():
+    import pytest
+
+    from peft_heft.assets import bigbench_dir
+    from peft_heft.cli import load_sft_dataset
+
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        load_sft_dataset("embedded:nope")
+    try:
+        bigbench_dir(fetch=False)
+    except FileNotFoundError:
+        pytest.skip("BIG-bench tasks not prepared (`make assets`)")
+    data = load_sft_dataset("embedded:strategyqa")
+    assert (len(data["train"]), len(data["test"])) == (1889, 400)
+    assert data["test"][0]["completion"][0]["content"] in {"Yes", "No"}

