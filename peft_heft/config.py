@@ -41,9 +41,11 @@ class HeftConfig(LoraConfig):
             Activation on `W h + b` (a `transformers.activations.ACT2FN` key); `None` means linear.
         intervention_add_bias (`bool`):
             Bias of NoReFT's projection layer (pyreft's `add_bias`).
-        base_model_hidden_size / base_model_num_layers (`int`, *optional*):
+        base_model_hidden_size (`int`, *optional*):
             Filled in when the adapter is created and checked when it is loaded, so that an adapter is never put on a
             model of another shape.
+        base_model_num_layers (`int`, *optional*):
+            The number of decoder layers, filled in and checked like `base_model_hidden_size`.
 
     Example:
         ```py

@@ -117,9 +117,10 @@ def evaluate_generation_accuracy(
     """Accuracy of greedy generations against the reference completions of ``dataset``.
 
     Args:
-        model: a causal LM (a HEFT `PeftModel` intervenes on the prompt positions during `generate`).
-        tokenizer: its tokenizer (with a pad token).
-        dataset: rows with `prompt`/`completion` (plain or conversational) or `messages` ending in the answer.
+        model (`torch.nn.Module`): a causal LM (a HEFT `PeftModel` intervenes on the prompt positions during
+            `generate`).
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (with a pad token).
+        dataset (`datasets.Dataset` or a list of dicts): rows with `prompt`/`completion` (plain or conversational) or `messages` ending in the answer.
         choices (`list[str]`, *optional*): the possible answers, e.g. `["yes", "no"]`.
         trigger (`str`, *optional*): read the answer only after this string in the generation.
         max_new_tokens (`int`): generation budget per prompt.

@@ -76,7 +76,8 @@ def compute_locations(
     Args:
         spec: the parsed position spec.
         attention_mask: ``(batch, seq_len)`` mask of real tokens; ``None`` means all tokens are real.
-        batch_size, seq_len: the input's shape.
+        batch_size: the input's batch size.
+        seq_len: the input's sequence length.
         share_weights: whether prefix and suffix positions share one intervention (one group).
 
     Returns:

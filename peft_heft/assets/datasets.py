@@ -177,7 +177,8 @@ def load_task_dataset(name: str, max_train: int | None = None, max_test: int | N
 
     Args:
         name: one of ``TASKS`` (``strategyqa``, ``fever``, ``rotten_tomatoes``).
-        max_train / max_test: keep only the first rows of each split (a fixed sample, see the module docstring).
+        max_train: keep only the first rows of the train split (a fixed sample, see the module docstring).
+        max_test: the same for the test split.
 
     Each example has ``prompt`` (a user message: the input and an instruction naming the two answers),
     ``completion`` (the assistant's one-word answer, e.g. ``"Yes"``) and ``label`` (the lower-case answer).

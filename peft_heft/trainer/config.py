@@ -25,14 +25,30 @@ class HeftSFTConfig(SFTConfig):
             Stages to run, in order. `"lora"` trains LoRA with interventions off, `"reft"` trains the interventions
             on top of the frozen LoRA-adapted model, `"joint"` trains both at once. `["reft", "lora"]` and
             `["joint"]` are the paper's ablations.
-        lora_num_train_epochs, reft_num_train_epochs, joint_num_train_epochs (`float`, *optional*):
-            Epochs of that stage.
-        lora_max_steps, reft_max_steps, joint_max_steps (`int`, *optional*):
-            Optimizer steps of that stage; overrides its epochs when > 0.
-        lora_learning_rate, reft_learning_rate, joint_learning_rate (`float`, *optional*):
-            Peak learning rate of that stage.
-        lora_warmup_steps, reft_warmup_steps, joint_warmup_steps (`float`, *optional*):
-            Warmup of that stage (steps, or a ratio of the stage's steps when < 1, like `warmup_steps`).
+        lora_num_train_epochs (`float`, *optional*):
+            Epochs of the lora stage. Falls back to `num_train_epochs`.
+        reft_num_train_epochs (`float`, *optional*):
+            Epochs of the reft stage. Falls back to `num_train_epochs`.
+        joint_num_train_epochs (`float`, *optional*):
+            Epochs of the joint stage. Falls back to `num_train_epochs`.
+        lora_max_steps (`int`, *optional*):
+            Optimizer steps of the lora stage; overrides its epochs when > 0. Falls back to `max_steps`.
+        reft_max_steps (`int`, *optional*):
+            Optimizer steps of the reft stage; overrides its epochs when > 0. Falls back to `max_steps`.
+        joint_max_steps (`int`, *optional*):
+            Optimizer steps of the joint stage; overrides its epochs when > 0. Falls back to `max_steps`.
+        lora_learning_rate (`float`, *optional*):
+            Peak learning rate of the lora stage. Falls back to `learning_rate`.
+        reft_learning_rate (`float`, *optional*):
+            Peak learning rate of the reft stage. Falls back to `learning_rate`.
+        joint_learning_rate (`float`, *optional*):
+            Peak learning rate of the joint stage. Falls back to `learning_rate`.
+        lora_warmup_steps (`float`, *optional*):
+            Warmup of the lora stage (steps, or a ratio of the stage's steps when < 1, like `warmup_steps`). Falls back to `warmup_steps`.
+        reft_warmup_steps (`float`, *optional*):
+            Warmup of the reft stage (steps, or a ratio of the stage's steps when < 1, like `warmup_steps`). Falls back to `warmup_steps`.
+        joint_warmup_steps (`float`, *optional*):
+            Warmup of the joint stage (steps, or a ratio of the stage's steps when < 1, like `warmup_steps`). Falls back to `warmup_steps`.
         merge_lora_before_reft (`bool`, *optional*, defaults to `False`):
             Fold the (frozen) LoRA weights into the base weights before a stage that does not train LoRA, so that
             stage runs without the LoRA branch. Unmerged again before any later stage that trains LoRA. The saved
