@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv assets test test-slow demo lint bench bench-smollm2 replicate
+.PHONY: venv assets test test-slow demo lint typecheck docs docs-serve bench bench-smollm2 replicate
 
 # Internal: (re)build the virtualenv when it is missing or pyproject.toml changed.
 venv: $(STAMP)
@@ -49,6 +49,17 @@ demo: venv assets
 
 lint: venv
 	$(PY) -m ruff check .
+
+typecheck: venv
+	$(PY) -m pip install --quiet mypy
+	$(PY) -m mypy peft_heft
+
+# The documentation site, warnings as errors (as tests/test_docs.py builds it).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # Benchmarks are run by hand; results go under benchmarks/results/.
 bench: venv

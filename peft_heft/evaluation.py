@@ -17,6 +17,14 @@ import torch
 def extract_answer(text: str, choices: Sequence[str] | None = None, trigger: str | None = None) -> str:
     """The answer in a generated ``text``: the first of ``choices`` found (after ``trigger``), else the first line.
 
+    Args:
+        text (`str`): the generated text.
+        choices (`list[str]`, *optional*): the possible answers; matched as whole words, case-insensitively.
+        trigger (`str`, *optional*): read only what follows this string, when present.
+
+    Returns:
+        `str`: the lower-cased answer (`""` when no choice is found).
+
     Example:
     ```python
     >>> extract_answer("The answer is: Yes, because...", choices=["yes", "no"], trigger="answer is:")
@@ -74,6 +82,23 @@ def generate_answers(
     model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 8, batch_size: int = 16
 ) -> list[str]:
     """Greedy generations (new text only) for ``prompts`` (strings or message lists), in left-padded batches.
+
+    Args:
+        model (`torch.nn.Module`): a causal LM; a HEFT `PeftModel` intervenes on each prompt's positions.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer, with a pad token.
+        prompts (`list`): plain strings, or conversations (lists of `{"role", "content"}` messages) rendered with
+            the chat template and a generation prompt.
+        max_new_tokens (`int`): generation budget per prompt.
+        batch_size (`int`): prompts per `generate` call.
+
+    Returns:
+        `list[str]`: the decoded new text of each prompt, special tokens removed.
+
+    Example:
+    ```python
+    >>> generate_answers(model, tokenizer, [[{"role": "user", "content": "Is the sky blue?"}]], max_new_tokens=4)
+    ['Yes']
+    ```
 
     Prompts are tokenized the way TRL's SFT preparation tokenizes them, so a HEFT model intervenes on the same prompt
     tokens at evaluation as in training.

@@ -66,7 +66,24 @@ class LoreftIntervention(_ReftBase):
     """LoReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)`` with ``R`` (r × d) having orthonormal rows.
 
     Numerically the same as ``pyreft.LoreftIntervention`` for the same weights. ``rotate_layer.weight`` is
-    pyreft's ``Rᵀ`` (d × r); ``learned_source`` is ``W, b``.
+    pyreft's ``Rᵀ`` (d × r); ``learned_source`` is ``W, b``. Built by `HeftModel` from
+    `HeftConfig(intervention_type="loreft")`; usable alone as below.
+
+    Keyword Args:
+        embed_dim (`int`): hidden size `d` of the intervened representation.
+        low_rank_dimension (`int`): rank `r` of the intervention (`r <= d`).
+        dropout (`float`, *optional*, defaults to 0.0): dropout on the output; off in `eval()`.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the parameters.
+        act_fn (`str`, *optional*): activation on `W h + b` (an `ACT2FN` key); `None` means linear.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_heft import LoreftIntervention
+    >>> intervention = LoreftIntervention(embed_dim=16, low_rank_dimension=2)
+    >>> intervention(torch.randn(3, 5, 16)).shape
+    torch.Size([3, 5, 16])
+    ```
     """
 
     def __init__(self, **kwargs) -> None:
@@ -82,7 +99,24 @@ class LoreftIntervention(_ReftBase):
 
 
 class NoreftIntervention(_ReftBase):
-    """NoReFT: ``Φ(h) = h + W₂ᵀ(W₁ h + b − W₂ h)``, LoReFT without the orthonormality constraint."""
+    """NoReFT: ``Φ(h) = h + W₂ᵀ(W₁ h + b − W₂ h)``, LoReFT without the orthonormality constraint.
+
+    `HeftConfig(intervention_type="noreft")`; numerically the same as pyreft's `NoreftIntervention`.
+
+    Keyword Args:
+        embed_dim (`int`): hidden size `d` of the intervened representation.
+        low_rank_dimension (`int`): rank `r` of the intervention (`r <= d`).
+        dropout (`float`, *optional*, defaults to 0.0): dropout on the output; off in `eval()`.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the parameters.
+        act_fn (`str`, *optional*): activation on `W h + b` (an `ACT2FN` key); `None` means linear.
+        add_bias (`bool`, *optional*, defaults to `False`): bias of the projection `W₂`.
+
+    Example:
+    ```python
+    >>> from peft_heft import HeftConfig
+    >>> config = HeftConfig(target_modules=["q_proj"], intervention_type="noreft", intervention_add_bias=True)
+    ```
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -97,7 +131,23 @@ class NoreftIntervention(_ReftBase):
 
 
 class DireftIntervention(_ReftBase):
-    """DiReFT: ``Φ(h) = h + Rᵀ(W h + b)``, LoReFT without subtracting the projection of ``h``."""
+    """DiReFT: ``Φ(h) = h + Rᵀ(W h + b)``, LoReFT without subtracting the projection of ``h``.
+
+    `HeftConfig(intervention_type="direft")`; numerically the same as pyreft's `DireftIntervention`.
+
+    Keyword Args:
+        embed_dim (`int`): hidden size `d` of the intervened representation.
+        low_rank_dimension (`int`): rank `r` of the intervention (`r <= d`).
+        dropout (`float`, *optional*, defaults to 0.0): dropout on the output; off in `eval()`.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the parameters.
+        act_fn (`str`, *optional*): activation on `W h + b` (an `ACT2FN` key); `None` means linear.
+
+    Example:
+    ```python
+    >>> from peft_heft import HeftConfig
+    >>> config = HeftConfig(target_modules=["q_proj"], intervention_type="direft", intervention_rank=8)
+    ```
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -125,6 +175,13 @@ def register_intervention_type(name: str, cls: type[TrainableIntervention], *, o
     (``embed_dim``, ``low_rank_dimension``, ``dropout``, ``dtype``, ``act_fn``, ``add_bias``) and whose forward
     maps ``(..., d)`` hidden states to new ``(..., d)`` hidden states. Register before creating or loading a
     config that names it.
+
+    Args:
+        name (`str`): the value of `HeftConfig.intervention_type` that selects `cls`.
+        cls (`type`): a pyvene `TrainableIntervention` subclass.
+
+    Returns:
+        `None`.
 
     Example:
         ```py

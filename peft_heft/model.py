@@ -51,6 +51,20 @@ class HeftModel(LoraModel):
     * ``"reft"``: LoRA frozen but applied, interventions applied and trainable;
     * ``"joint"``: both applied and trainable;
     * ``"frozen"``: both applied, nothing trainable (the default for an adapter loaded for inference).
+
+    Args:
+        model (`torch.nn.Module`): the base model (PEFT passes it in `get_peft_model`).
+        config (`HeftConfig` or `dict[str, HeftConfig]`): the adapter configuration(s).
+        adapter_name (`str`): the adapter's name, `"default"` unless given.
+
+    Example:
+    ```python
+    >>> import peft_heft
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(base_model, peft_heft.HeftConfig(target_modules=["q_proj", "v_proj"]))
+    >>> model.set_stage("lora")   # train LoRA ...
+    >>> model.set_stage("reft")   # ... then the interventions on the frozen LoRA-adapted model
+    ```
     """
 
     prefix: str = "lora_"  # LoRA machinery (device placement, delete_adapter) keys on this prefix

@@ -88,6 +88,11 @@ def heft_card_section(
 
     Returns:
         Markdown between :data:`SECTION_BEGIN` and :data:`SECTION_END`.
+
+    Example:
+    ```python
+    >>> print(heft_card_section(model.peft_config["default"], "me/my-adapter"))
+    ```
     """
     parts = [
         SECTION_BEGIN,
@@ -142,6 +147,18 @@ def update_model_card(
     tags: Sequence[str] = (),
 ) -> str:
     """Write or update ``output_dir/README.md`` with the HEFT section and card metadata; returns the card's path.
+
+    Args:
+        output_dir (`str` or `PathLike`): the adapter folder.
+        config (`HeftConfig`): the adapter's configuration.
+        model_id (`str`, *optional*): the id used in the loading snippet (default: `output_dir`).
+        training (`dict`, *optional*): per-stage schedule, see :func:`heft_card_section`.
+        dataset_name (`str` or `list[str]`, *optional*): the training data.
+        metrics (`dict`, *optional*): name -> value.
+        tags (`list[str]`): extra tags.
+
+    Returns:
+        `str`: the path of the card.
 
     Metadata: ``library_name: peft``, ``base_model``, tags (``peft-heft``, ``heft``, ``lora``, ``reft`` + ``tags``),
     ``datasets`` when the name looks like a Hub id. An existing card keeps its other text and metadata.

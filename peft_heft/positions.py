@@ -23,7 +23,20 @@ _SPEC_RE = re.compile(r"^(?:f(?P<f>\d+)\+l(?P<fl>\d+)|f(?P<fo>\d+)|l(?P<lo>\d+))
 
 @dataclass(frozen=True)
 class PositionSpec:
-    """A parsed position spec. ``first``/``last`` are token counts; ``all`` means every real token."""
+    """A parsed position spec. ``first``/``last`` are token counts; ``all`` means every real token.
+
+    Args:
+        first (`int`): how many of the first prompt tokens are intervened on.
+        last (`int`): how many of the last prompt tokens are intervened on.
+        all (`bool`): every real prompt token.
+
+    Example:
+    ```python
+    >>> from peft_heft import PositionSpec
+    >>> PositionSpec.parse("f7+l7")
+    PositionSpec(first=7, last=7, all=False)
+    ```
+    """
 
     first: int = 0
     last: int = 0
@@ -31,6 +44,7 @@ class PositionSpec:
 
     @classmethod
     def parse(cls, spec: str) -> PositionSpec:
+        """Parse pyreft's syntax: ``"f<n>"``, ``"l<n>"``, ``"f<n>+l<n>"`` or ``"all"``; raises ``ValueError`` else."""
         if not isinstance(spec, str):
             raise TypeError(f"intervention_positions must be a string like 'f7+l7', got {type(spec).__name__}.")
         text = spec.strip().lower().replace(" ", "")
@@ -82,6 +96,13 @@ def compute_locations(
 
     Returns:
         ``LongTensor`` of shape ``(batch, groups, n)``; ``-1`` marks an unused slot.
+
+    Example:
+    ```python
+    >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])  # left padded, 5 real tokens
+    >>> compute_locations(PositionSpec.parse("f2+l2"), mask, 1, 7, share_weights=False).tolist()
+    [[[2, 3], [5, 6]]]
+    ```
     """
     if attention_mask is None:
         attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)

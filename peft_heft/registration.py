@@ -39,7 +39,19 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
 
 
 def register_heft() -> None:
-    """Register ``PeftType.HEFT`` with PEFT's mappings. Safe to call any number of times."""
+    """Register ``PeftType.HEFT`` with PEFT's mappings. Safe to call any number of times.
+
+    ``import peft_heft`` calls it; call it yourself only after something reset PEFT's mappings.
+
+    Returns:
+        `None`. Raises `RuntimeError` when another package registered a different method named ``HEFT``.
+
+    Example:
+    ```python
+    >>> import peft_heft
+    >>> peft_heft.register_heft()  # idempotent
+    ```
+    """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 

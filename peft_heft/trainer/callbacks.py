@@ -12,13 +12,22 @@ class HeftCallback(TrainerCallback):
     [`StagedSFTTrainer`] calls `on_stage_begin` / `on_stage_end` on every callback that defines them (subclassing this
     class is optional), with the keyword arguments `stage` (`"lora"`, `"reft"` or `"joint"`), `stage_index`,
     `num_stages` and `model`; `on_stage_end` also gets `metrics`, the stage's train (and eval) metrics.
+
+    Example:
+    ```python
+    >>> from peft_heft import HeftCallback
+    >>> class PrintStages(HeftCallback):
+    ...     def on_stage_end(self, args, state, control, stage=None, metrics=None, **kwargs):
+    ...         print(stage, metrics["train_loss"])
+    >>> trainer = StagedSFTTrainer(..., callbacks=[PrintStages()])
+    ```
     """
 
     def on_stage_begin(self, args, state, control, **kwargs):
-        pass
+        """Called before a stage trains, after its parameters were switched (`kwargs["stage"]` names it)."""
 
     def on_stage_end(self, args, state, control, **kwargs):
-        pass
+        """Called after a stage trained and was evaluated; `kwargs["metrics"]` holds its metrics."""
 
 
 class StageProgressCallback(ProgressCallback, HeftCallback):

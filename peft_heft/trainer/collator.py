@@ -30,6 +30,18 @@ class DataCollatorForHeft:
             The adapter's `share_intervention_weights` (decides the number of location groups).
         padding_side (`str`, *optional*, defaults to `"right"`):
             `"left"` moves each row's padding to the left after collation (TRL's collator pads on the right).
+
+    Called on a list of examples, it returns the wrapped collator's batch plus `intervention_locations`, a
+    `LongTensor` `(batch, groups, n)` with `-1` for unused slots.
+
+    Example:
+    ```python
+    >>> from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    >>> collator = DataCollatorForHeft(DataCollatorForLanguageModeling(pad_token_id=0), "f2+l2", share_weights=False)
+    >>> batch = collator([{"input_ids": [1, 5, 6, 7, 8], "heft_prompt_length": 4}])
+    >>> batch["intervention_locations"].tolist()
+    [[[0, 1], [2, 3]]]
+    ```
     """
 
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]

@@ -61,6 +61,18 @@ class StagedSFTTrainer(SFTTrainer):
     `heft_checkpoint.json` is written (last, atomically); `train(resume_from_checkpoint=True)` resumes the latest
     complete one in its stage, with its optimizer, scheduler and RNG state.
 
+    Args:
+        model (`str` or `PreTrainedModel` or `PeftModel`): a model id/path, a model, or a HEFT `PeftModel`.
+        args (`HeftSFTConfig`): every `SFTConfig` option plus the stage schedule.
+        data_collator (`Callable`, *optional*): wrapped in `DataCollatorForHeft` (TRL's collator when `None`).
+        train_dataset (`datasets.Dataset`, *optional*): any TRL SFT format; packing is refused.
+        eval_dataset (`datasets.Dataset`, *optional*): evaluated at each stage end (and per `eval_strategy`).
+        processing_class (`PreTrainedTokenizerBase`, *optional*): the tokenizer.
+        optimizers (`tuple`): must stay `(None, None)`: each stage builds its own optimizer and schedule.
+        peft_config (`HeftConfig`, *optional*): the adapter to create when `model` is not a HEFT `PeftModel`.
+        padding_side (`str`, *optional*): `"left"` to left-pad training batches.
+        **kwargs (`Any`): passed to `SFTTrainer` (`callbacks`, `compute_metrics`, `formatting_func`, ...).
+
     Example:
     ```python
     >>> from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
