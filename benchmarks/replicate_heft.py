@@ -183,6 +183,24 @@ def markdown(results: dict, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['task']} | {r['label']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['n']} | "
                      f"{r['train_seconds_mean']:.0f} |")
+    lines += ["", "Does the paper's ordering hold here? (computed from the rows above)", ""]
+    for task in sorted({r["task"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["task"] == task}
+        short = by.get("heft_short")
+        if not short:
+            continue
+        for other in ("lora_long", "reft_long"):
+            if other in by:
+                delta = short["accuracy_mean"] - by[other]["accuracy_mean"]
+                time_ratio = short["train_seconds_mean"] / max(by[other]["train_seconds_mean"], 1e-9)
+                verdict = "beats" if delta > 0 else "does not beat"
+                lines.append(f"- {task}: HEFT 3+3 {verdict} {LABELS[other]} ({delta:+.3f} accuracy) at "
+                             f"{time_ratio:.2f}x its training time.")
+        if "majority" in by:
+            best = max((r for r in by.values() if r["method"] != "majority"), key=lambda r: r["accuracy_mean"])
+            if best["accuracy_mean"] <= by["majority"]["accuracy_mean"] + 0.02:
+                lines.append(f"- {task}: no method is more than 0.02 above the majority class "
+                             f"({by['majority']['accuracy_mean']:.3f}): the model does not learn this task here.")
     lines += ["", "![accuracy vs train time](replication.png)", ""]
     return "\n".join(lines)
 
@@ -199,6 +217,9 @@ def plot(rows: list[dict], path: Path) -> None:
                "heft_short@lora": "."}
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in [r for r in rows if r["task"] == task]:
+            if r["method"] == "majority":
+                ax.axhline(r["accuracy_mean"], color="gray", linestyle="--", linewidth=1, label=r["label"])
+                continue
             ax.errorbar(r["train_seconds_mean"] / 60, r["accuracy_mean"], yerr=r["accuracy_std"], fmt=markers[r["method"]],
                         markersize=8, capsize=3, label=f"{r['label']} (n={r['n']})")
         ax.set_title(task)
@@ -217,8 +238,27 @@ def write(results: dict, json_path: Path) -> None:
     os.replace(tmp, json_path)
 
 
+def majority_rows(results: dict) -> list[dict]:
+    """The accuracy of always answering the held-out split's most frequent label (no model involved)."""
+    from collections import Counter
+
+    rows = []
+    for task in sorted({r["task"] for r in results["runs"].values()}):
+        labels = load_task_dataset(task, max_train=1, max_test=results["setup"]["eval_size"])["test"]["label"]
+        label, count = Counter(labels).most_common(1)[0]
+        rows.append({"task": task, "method": "majority", "label": f"majority class ('{label}')", "n": 1, "seeds": [],
+                     "accuracy_mean": count / len(labels), "accuracy_std": 0.0, "train_seconds_mean": 0.0,
+                     "eval_total": len(labels)})
+    return rows
+
+
 def report(results: dict, out_dir: Path, stem: str) -> None:
-    rows = summarize(results)
+    majority = {r["task"]: r for r in majority_rows(results)}
+    rows = []
+    for row in summarize(results):
+        if row["method"] == "zero_shot" and row["task"] in majority:
+            rows.append(majority.pop(row["task"]))
+        rows.append(row)
     results["summary"] = rows
     write(results, out_dir / f"{stem}.json")
     (out_dir / f"{stem}.md").write_text(markdown(results, rows).replace("replication.png", f"{stem}.png"))
