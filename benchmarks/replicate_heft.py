@@ -177,6 +177,7 @@ def markdown(results: dict, rows: list[dict]) -> str:
         f"{s['long_epochs']} (the paper's 3 and 20). Seeds {s['seeds']}. Accuracy: greedy generation, first answer "
         "word matched; mean ± sample std over seeds. Train time: the stages' `train_runtime` (evaluation excluded).",
         "",
+        "<!-- --8<-- [start:results] -->",
         "| task | method | accuracy (mean ± std) | seeds | train time (s, mean) |",
         "|---|---|---:|---:|---:|",
     ]
@@ -201,7 +202,7 @@ def markdown(results: dict, rows: list[dict]) -> str:
             if best["accuracy_mean"] <= by["majority"]["accuracy_mean"] + 0.02:
                 lines.append(f"- {task}: no method is more than 0.02 above the majority class "
                              f"({by['majority']['accuracy_mean']:.3f}): the model does not learn this task here.")
-    lines += ["", "![accuracy vs train time](replication.png)", ""]
+    lines += ["<!-- --8<-- [end:results] -->", "", "![accuracy vs train time](replication.png)", ""]
     return "\n".join(lines)
 
 
