@@ -65,7 +65,10 @@ class HeftScriptArguments(ScriptArguments):
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Generation budget per prompt for --eval_accuracy."})
     eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate generation accuracy on at most this many eval rows."}
+        default=None, metadata={"help": "Use only the first N rows of the evaluation split (loss and accuracy)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of the train split only (quick runs)."}
     )
 
 
@@ -170,6 +173,10 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
 
     data = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
     train = data[script_args.dataset_train_split]
+    if script_args.max_train_samples is not None:
+        if script_args.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be >= 1, got {script_args.max_train_samples}.")
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
     wants_eval = training_args.eval_strategy != "no" or script_args.eval_accuracy
     evaluation = data.get(script_args.dataset_test_split)
     if evaluation is None and wants_eval:
@@ -181,6 +188,8 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         size = script_args.eval_split_size
         parts = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=training_args.seed)
         train, evaluation = parts["train"], parts["test"]
+    if evaluation is not None and script_args.eval_max_samples is not None:
+        evaluation = evaluation.select(range(min(script_args.eval_max_samples, len(evaluation))))
 
     trainer = StagedSFTTrainer(
         model=resolve_model_name_or_path(model_args.model_name_or_path),

