@@ -104,12 +104,8 @@ class NoreftIntervention(_ReftBase):
     `HeftConfig(intervention_type="noreft")`; numerically the same as pyreft's `NoreftIntervention`.
 
     Keyword Args:
-        embed_dim (`int`): hidden size `d` of the intervened representation.
-        low_rank_dimension (`int`): rank `r` of the intervention (`r <= d`).
-        dropout (`float`, *optional*, defaults to 0.0): dropout on the output; off in `eval()`.
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the parameters.
-        act_fn (`str`, *optional*): activation on `W h + b` (an `ACT2FN` key); `None` means linear.
-        add_bias (`bool`, *optional*, defaults to `False`): bias of the projection `W₂`.
+        add_bias (`bool`, *optional*, defaults to `False`): bias of the projection `W₂`; the other keywords are
+            `LoreftIntervention`'s.
 
     Example:
     ```python
@@ -135,12 +131,7 @@ class DireftIntervention(_ReftBase):
 
     `HeftConfig(intervention_type="direft")`; numerically the same as pyreft's `DireftIntervention`.
 
-    Keyword Args:
-        embed_dim (`int`): hidden size `d` of the intervened representation.
-        low_rank_dimension (`int`): rank `r` of the intervention (`r <= d`).
-        dropout (`float`, *optional*, defaults to 0.0): dropout on the output; off in `eval()`.
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the parameters.
-        act_fn (`str`, *optional*): activation on `W h + b` (an `ACT2FN` key); `None` means linear.
+    Takes `LoreftIntervention`'s keyword arguments.
 
     Example:
     ```python
