@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv assets test test-slow demo lint typecheck docs docs-serve bench bench-smollm2 replicate
+.PHONY: venv assets test test-slow demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
 
 # Internal: (re)build the virtualenv when it is missing or pyproject.toml changed.
 venv: $(STAMP)
@@ -49,6 +49,11 @@ demo: venv assets
 
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 typecheck: venv
 	$(PY) -m pip install --quiet mypy
