@@ -71,8 +71,18 @@ SHAPES = {
     # hidden 512, intermediate 1376, 8 layers, 8 heads (MHA), untied vocab 24000: 49,881,600 parameters
     "full": dict(hidden=512, intermediate=1376, layers=8, heads=8, vocab=24000, batch=8, seq=256, prompt=64, new=32),
     # the embedded SmolLM2-135M-Instruct (peft_heft.assets; tied embeddings, GQA 9/3 heads): issue 5's real model
-    "smollm2": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", hidden=576, intermediate=1536, layers=30, heads=9,
-                    vocab=49152, batch=8, seq=256, prompt=64, new=32),
+    "smollm2": dict(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        hidden=576,
+        intermediate=1536,
+        layers=30,
+        heads=9,
+        vocab=49152,
+        batch=8,
+        seq=256,
+        prompt=64,
+        new=32,
+    ),
     "quick": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=1000, batch=8, seq=32, prompt=16, new=8),
 }
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -112,17 +122,30 @@ def build_base(shape: dict) -> LlamaForCausalLM:
 
         model, _ = load_model_and_tokenizer(shape["model"], dtype=torch.float32)
         c = model.config
-        found = dict(hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
-                     heads=c.num_attention_heads, vocab=c.vocab_size)
+        found = dict(
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            layers=c.num_hidden_layers,
+            heads=c.num_attention_heads,
+            vocab=c.vocab_size,
+        )
         assert found == {k: shape[k] for k in found}, f"{shape['model']} has {found}"
         model.config.use_cache = False
         model.eval().requires_grad_(False)
         return model
     config = LlamaConfig(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=shape["vocab"],
-        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS,
-        eos_token_id=EOS, use_cache=False,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        use_cache=False,
     )
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
@@ -142,9 +165,9 @@ def left_padded_batch(batch: int, length: int, vocab: int, seed: int):
     for row in range(batch):
         n = max(16, int(length * fractions[row % len(fractions)]))
         n = min(n, length)
-        ids[row, length - n:] = torch.randint(3, vocab, (n,), generator=g)
+        ids[row, length - n :] = torch.randint(3, vocab, (n,), generator=g)
         ids[row, length - n] = BOS
-        mask[row, length - n:] = 1
+        mask[row, length - n :] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
 
@@ -163,7 +186,8 @@ def pyreft_interventions(shape: dict) -> list:
     torch.manual_seed(2)
     return [
         pyreft.LoreftIntervention(embed_dim=shape["hidden"], low_rank_dimension=INTERVENTION_RANK, dtype=torch.float32)
-        for _ in range(shape["layers"]) for _ in range(2)
+        for _ in range(shape["layers"])
+        for _ in range(2)
     ]
 
 
@@ -185,7 +209,10 @@ def build_lora(base, shape):
 
 def build_heft(base, shape, interventions, stage: str, merged: bool = False, layers="all"):
     config = peft_heft.HeftConfig(
-        task_type="CAUSAL_LM", **LORA, intervention_layers=layers, intervention_rank=INTERVENTION_RANK,
+        task_type="CAUSAL_LM",
+        **LORA,
+        intervention_layers=layers,
+        intervention_rank=INTERVENTION_RANK,
         intervention_positions=POSITIONS,
     )
     model = peft.get_peft_model(copy.deepcopy(base), config)
@@ -304,7 +331,9 @@ class Bench:
             model.train()
             t0 = time.perf_counter()
             _, out = model(
-                base={"input_ids": ids, "attention_mask": mask}, unit_locations=self.unit_locations, labels=labels,
+                base={"input_ids": ids, "attention_mask": mask},
+                unit_locations=self.unit_locations,
+                labels=labels,
                 use_cache=False,
             )
             out.loss.backward()
@@ -325,15 +354,23 @@ class Bench:
 
     def generate(self, variant: str) -> tuple[float, float]:
         shape = self.shape
-        model = self.base if variant == "base_generate" else self.models[
-            {"lora_generate": "lora", "heft_generate": "heft_reft"}[variant]
-        ]
+        model = (
+            self.base
+            if variant == "base_generate"
+            else self.models[{"lora_generate": "lora", "heft_generate": "heft_reft"}[variant]]
+        )
         model.eval()
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = model.generate(
-                input_ids=self.gen_ids, attention_mask=self.gen_mask, max_new_tokens=shape["new"],
-                min_new_tokens=shape["new"], do_sample=False, use_cache=True, pad_token_id=PAD, eos_token_id=EOS,
+                input_ids=self.gen_ids,
+                attention_mask=self.gen_mask,
+                max_new_tokens=shape["new"],
+                min_new_tokens=shape["new"],
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=PAD,
+                eos_token_id=EOS,
             )
             dt = time.perf_counter() - t0
         model.train() if variant != "base_generate" else None
@@ -361,16 +398,27 @@ def interleaved(run, variants: list[str], warmup: int, repeats: int, label: str,
                 extra[v].append(x)
         if rnd >= warmup:
             loadavg.append(os.getloadavg()[0])
-        log(f"{label} round {rnd + 1}/{warmup + repeats} {'(warmup)' if rnd < warmup else ''} "
-            f"elapsed {time.perf_counter() - t_start:.0f}s, 1-min load {os.getloadavg()[0]:.2f}")
-    return {"raw_s": raw, "extra": extra, "rounds": repeats, "warmup_rounds": warmup, "loadavg_1min": loadavg,
-            "orders": orders}
+        log(
+            f"{label} round {rnd + 1}/{warmup + repeats} {'(warmup)' if rnd < warmup else ''} "
+            f"elapsed {time.perf_counter() - t_start:.0f}s, 1-min load {os.getloadavg()[0]:.2f}"
+        )
+    return {
+        "raw_s": raw,
+        "extra": extra,
+        "rounds": repeats,
+        "warmup_rounds": warmup,
+        "loadavg_1min": loadavg,
+        "orders": orders,
+    }
 
 
 def summarize(samples: list[float]) -> dict:
     return {
-        "median": statistics.median(samples), "min": min(samples), "max": max(samples),
-        "mean": statistics.fmean(samples), "n": len(samples),
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "mean": statistics.fmean(samples),
+        "n": len(samples),
     }
 
 
@@ -496,8 +544,14 @@ def profile_ops(bench: Bench, variants: list[str], steps: int = 3) -> dict:
             for k in set(tables[v]) | set(tables[ref]):
                 a = tables[v].get(k, {"self_cpu_ms": 0.0, "count": 0})
                 b = tables[ref].get(k, {"self_cpu_ms": 0.0, "count": 0})
-                diff.append({"op": k, "extra_self_cpu_ms": a["self_cpu_ms"] - b["self_cpu_ms"],
-                             "count": a["count"], "count_in_lora_step": b["count"]})
+                diff.append(
+                    {
+                        "op": k,
+                        "extra_self_cpu_ms": a["self_cpu_ms"] - b["self_cpu_ms"],
+                        "count": a["count"],
+                        "count_in_lora_step": b["count"],
+                    }
+                )
             diff = [r for r in diff if r["count"] > r["count_in_lora_step"]]  # ops the hooks add (more calls)
             diff.sort(key=lambda r: -r["extra_self_cpu_ms"])
             result[f"{v}_minus_{ref}"] = diff[:15]
@@ -554,13 +608,16 @@ def measure_memory(variants: list[str], shape_name: str, threads: int | None) ->
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-worker", v, "--shape", shape_name]
             + (["--threads", str(threads)] if threads else []),
-            capture_output=True, text=True, env=env, cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(REPO),
         )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
         if proc.returncode != 0 or not lines:
             out[v] = {"error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}"}
         else:
-            out[v] = json.loads(lines[-1][len("MEMORY_JSON "):])
+            out[v] = json.loads(lines[-1][len("MEMORY_JSON ") :])
         log(f"memory {v}: {out[v]} ({time.perf_counter() - t0:.0f}s)")
     return out
 
@@ -578,8 +635,11 @@ def environment() -> dict:
         pass
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "peft_heft"], capture_output=True, text=True,
-                                    cwd=REPO).stdout.strip())
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "peft_heft"], capture_output=True, text=True, cwd=REPO
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = None, None
     return {
@@ -619,18 +679,54 @@ def _dist_version(name: str):
 # ---------------------------------------------------------------------------------------------- report
 TARGETS = [
     # name, numerator, denominator, comparison, target, what it says
-    ("heft_reft_unmerged / lora_step", "heft_reft_step", "lora_step", "<=", 1.05,
-     "interventions add <= 5% to a LoRA-only step"),
-    ("heft_reft_merged / lora_step", "heft_reft_merged_step", "lora_step", "<=", 1.05,
-     "same, LoRA merged into the weights"),
-    ("heft_reft_merged / lora_step (<= 0.6)", "heft_reft_merged_step", "lora_step", "<=", 0.6,
-     "a reft-stage step with LoRA merged costs <= 0.6x a LoRA step (issue 5)"),
-    ("heft_generate_tps / lora_generate_tps", "heft_generate", "lora_generate", ">=", 0.95,
-     "generation with interventions >= 95% of LoRA-only tokens/s"),
-    ("heft_reft_unmerged / pyreft_step", "heft_reft_step", "pyreft_step", "<=", 1.0,
-     "HEFT's reft step no slower than pyreft's (HEFT still runs the unmerged LoRA branch, pyreft's base has it merged)"),
-    ("heft_reft_merged / pyreft_step", "heft_reft_merged_step", "pyreft_step", "<=", 1.0,
-     "HEFT's reft step no slower than pyreft's, like for like (neither runs a LoRA branch)"),
+    (
+        "heft_reft_unmerged / lora_step",
+        "heft_reft_step",
+        "lora_step",
+        "<=",
+        1.05,
+        "interventions add <= 5% to a LoRA-only step",
+    ),
+    (
+        "heft_reft_merged / lora_step",
+        "heft_reft_merged_step",
+        "lora_step",
+        "<=",
+        1.05,
+        "same, LoRA merged into the weights",
+    ),
+    (
+        "heft_reft_merged / lora_step (<= 0.6)",
+        "heft_reft_merged_step",
+        "lora_step",
+        "<=",
+        0.6,
+        "a reft-stage step with LoRA merged costs <= 0.6x a LoRA step (issue 5)",
+    ),
+    (
+        "heft_generate_tps / lora_generate_tps",
+        "heft_generate",
+        "lora_generate",
+        ">=",
+        0.95,
+        "generation with interventions >= 95% of LoRA-only tokens/s",
+    ),
+    (
+        "heft_reft_unmerged / pyreft_step",
+        "heft_reft_step",
+        "pyreft_step",
+        "<=",
+        1.0,
+        "HEFT's reft step no slower than pyreft's (HEFT still runs the unmerged LoRA branch, pyreft's base has it merged)",
+    ),
+    (
+        "heft_reft_merged / pyreft_step",
+        "heft_reft_merged_step",
+        "pyreft_step",
+        "<=",
+        1.0,
+        "HEFT's reft step no slower than pyreft's, like for like (neither runs a LoRA branch)",
+    ),
 ]
 INFO_RATIOS = [
     ("heft_reft_merged_top / lora_step", "heft_reft_merged_top_step", "lora_step"),
@@ -654,19 +750,38 @@ def compute_ratios(timing: dict, gen: dict, errors: dict) -> tuple[list, list]:
     for name, num, den, cmp, target, meaning in TARGETS:
         if num not in med or den not in med:
             missing = num if num not in med else den
-            rows.append({"ratio": name, "value": None, "target": f"{cmp} {target}", "pass": None,
-                         "meaning": meaning, "why_missing": errors.get(missing, f"{missing} not measured")})
+            rows.append(
+                {
+                    "ratio": name,
+                    "value": None,
+                    "target": f"{cmp} {target}",
+                    "pass": None,
+                    "meaning": meaning,
+                    "why_missing": errors.get(missing, f"{missing} not measured"),
+                }
+            )
             continue
         value = med[num] / med[den]
         paired = paired_ratio(raw[num], raw[den])
         ok = value <= target if cmp == "<=" else value >= target
         ok_paired = paired <= target if cmp == "<=" else paired >= target
-        rows.append({"ratio": name, "value": value, "paired_median": paired, "target": f"{cmp} {target}",
-                     "pass": ok, "pass_paired": ok_paired, "meaning": meaning})
+        rows.append(
+            {
+                "ratio": name,
+                "value": value,
+                "paired_median": paired,
+                "target": f"{cmp} {target}",
+                "pass": ok,
+                "pass_paired": ok_paired,
+                "meaning": meaning,
+            }
+        )
     info = []
     for name, num, den in INFO_RATIOS:
         if num in med and den in med:
-            info.append({"ratio": name, "value": med[num] / med[den], "paired_median": paired_ratio(raw[num], raw[den])})
+            info.append(
+                {"ratio": name, "value": med[num] / med[den], "paired_median": paired_ratio(raw[num], raw[den])}
+            )
     return rows, info
 
 
@@ -685,8 +800,8 @@ def markdown(result: dict) -> str:
         f"pyreft {env['pyreft']} · commit `{(env['git_commit'] or '')[:10]}`"
         f"{' (peft_heft modified)' if env['peft_heft_dirty'] else ''}",
         "",
-        (f"Model: **{s['model']}** (embedded copy, peft_heft.assets), " if s.get("model") else "Model: ") +
-        f"Llama, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, {s['heads']} heads, "
+        (f"Model: **{s['model']}** (embedded copy, peft_heft.assets), " if s.get("model") else "Model: ")
+        + f"Llama, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, {s['heads']} heads, "
         f"vocab {s['vocab']}: **{s['parameters']:,} parameters**, fp32, CPU. Batch {s['batch']} x {s['seq']} tokens "
         f"(rows left-padded to {s['real_lengths']} real tokens). LoRA r={LORA['r']} on q_proj, v_proj; interventions "
         f"LoReFT rank {INTERVENTION_RANK} on all {s['layers']} layers' block output, positions {POSITIONS} "
@@ -714,77 +829,124 @@ def markdown(result: dict) -> str:
             lines.append(f"| {desc} | n/a ({why}) | | | | {mem_s} |")
             continue
         loss = st.get("loss")
-        lines.append(f"| {desc} | {st['median'] * 1e3:.0f} | {st['min'] * 1e3:.0f} | {st['max'] * 1e3:.0f} | "
-                     f"{fmt(loss, 4) if loss is not None else '-'} | {mem_s} |")
-    lines += ["", "## Generation (greedy, use_cache=True)", "",
-              f"Batch {s['batch']}, prompt {s['prompt']} tokens (some rows left-padded), {s['new']} new tokens; "
-              f"tokens/s = batch x new tokens / wall time of `generate` (prefill included). Median of "
-              f"{result['generate']['rounds']} interleaved rounds.", "",
-              "| model | median tokens/s | min | max |", "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {desc} | {st['median'] * 1e3:.0f} | {st['min'] * 1e3:.0f} | {st['max'] * 1e3:.0f} | "
+            f"{fmt(loss, 4) if loss is not None else '-'} | {mem_s} |"
+        )
+    lines += [
+        "",
+        "## Generation (greedy, use_cache=True)",
+        "",
+        f"Batch {s['batch']}, prompt {s['prompt']} tokens (some rows left-padded), {s['new']} new tokens; "
+        f"tokens/s = batch x new tokens / wall time of `generate` (prefill included). Median of "
+        f"{result['generate']['rounds']} interleaved rounds.",
+        "",
+        "| model | median tokens/s | min | max |",
+        "|---|---:|---:|---:|",
+    ]
     for v, desc in GENERATE_VARIANTS.items():
         tps = result["generate"]["tokens_per_s"].get(v)
         if tps:
             lines.append(f"| {desc} | {statistics.median(tps):.1f} | {min(tps):.1f} | {max(tps):.1f} |")
-    lines += ["", "## Targets", "", "| ratio | value (ratio of medians) | median of per-round ratios | target | met |",
-              "|---|---:|---:|---|---|"]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| ratio | value (ratio of medians) | median of per-round ratios | target | met |",
+        "|---|---:|---:|---|---|",
+    ]
     for r in result["ratios"]:
         met = "n/a" if r["pass"] is None else ("yes" if r["pass"] else "**no**")
         if r["pass"] is not None and r["pass"] != r["pass_paired"]:
             met += " (per-round: " + ("yes" if r["pass_paired"] else "no") + ")"
         extra = f" ({r['why_missing']})" if r.get("why_missing") else ""
-        lines.append(f"| {r['ratio']} | {fmt(r['value'])}{extra} | {fmt(r.get('paired_median'))} | {r['target']} | {met} |")
+        lines.append(
+            f"| {r['ratio']} | {fmt(r['value'])}{extra} | {fmt(r.get('paired_median'))} | {r['target']} | {met} |"
+        )
     lines += ["", "Other ratios (information):", "", "| ratio | value | per-round median |", "|---|---:|---:|"]
     for r in result["info_ratios"]:
         lines.append(f"| {r['ratio']} | {r['value']:.3f} | {r['paired_median']:.3f} |")
     h = result.get("hook_micro")
     if h:
-        lines += ["", "## HEFT hook path in isolation", "",
-                  f"Micro-benchmark on the same shapes (median of {h['repeats']} calls): the forward pre-hook that "
-                  f"computes the plan once per forward, and the {h['intervened_layers']} layer hooks "
-                  f"({h['intervention_modules']} LoReFT modules) applied to a ({s['batch']}, {s['seq']}, {s['hidden']}) "
-                  "hidden state.", "",
-                  "| part | ms |", "|---|---:|",
-                  f"| plan (forward pre-hook: locations from the mask, gather indices) | {h['plan_forward_pre_hook_ms']:.3f} |",
-                  f"| all layer hooks, forward, no grad | {h['layer_hooks_forward_ms']:.3f} |",
-                  f"| all layer hooks, forward + backward (leaf/sum baseline subtracted) | {h['layer_hooks_forward_backward_ms']:.3f} |",
-                  f"| one LoReFT module on (B, 7, d), forward + backward | {h['one_intervention_forward_backward_ms']:.3f} |",
-                  f"| the Householder product for R alone (weight, sum, backward) | {h['one_rotation_householder_forward_backward_ms']:.3f} |",
-                  f"| {h['intervention_modules']} LoReFT modules (n x the row above) | "
-                  f"{h['intervention_modules'] * h['one_intervention_forward_backward_ms']:.2f} |",
-                  f"| remainder: gather, scatter_add, keep mask, split/cat on the full hidden state | "
-                  f"{h['layer_hooks_forward_backward_ms'] - h['intervention_modules'] * h['one_intervention_forward_backward_ms']:.2f} |",
-                  f"| **estimated hook cost per training step** | **{h['per_training_step_estimate_ms']:.2f}** "
-                  f"({h['per_training_step_estimate_ms'] / (result['steps']['lora_step']['median'] * 1e3) * 100:.2f}% "
-                  "of the LoRA step) |"]
-        lines += ["", f"Where the hook path's forward + backward time goes (torch.profiler, {h['profile_passes']} passes; "
-                      f"{h['profile_total_self_cpu_ms_per_pass']:.1f} ms self CPU per pass, profiler overhead included):",
-                  "", "| op | self CPU ms per pass | calls per pass |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## HEFT hook path in isolation",
+            "",
+            f"Micro-benchmark on the same shapes (median of {h['repeats']} calls): the forward pre-hook that "
+            f"computes the plan once per forward, and the {h['intervened_layers']} layer hooks "
+            f"({h['intervention_modules']} LoReFT modules) applied to a ({s['batch']}, {s['seq']}, {s['hidden']}) "
+            "hidden state.",
+            "",
+            "| part | ms |",
+            "|---|---:|",
+            f"| plan (forward pre-hook: locations from the mask, gather indices) | {h['plan_forward_pre_hook_ms']:.3f} |",
+            f"| all layer hooks, forward, no grad | {h['layer_hooks_forward_ms']:.3f} |",
+            f"| all layer hooks, forward + backward (leaf/sum baseline subtracted) | {h['layer_hooks_forward_backward_ms']:.3f} |",
+            f"| one LoReFT module on (B, 7, d), forward + backward | {h['one_intervention_forward_backward_ms']:.3f} |",
+            f"| the Householder product for R alone (weight, sum, backward) | {h['one_rotation_householder_forward_backward_ms']:.3f} |",
+            f"| {h['intervention_modules']} LoReFT modules (n x the row above) | "
+            f"{h['intervention_modules'] * h['one_intervention_forward_backward_ms']:.2f} |",
+            f"| remainder: gather, scatter_add, keep mask, split/cat on the full hidden state | "
+            f"{h['layer_hooks_forward_backward_ms'] - h['intervention_modules'] * h['one_intervention_forward_backward_ms']:.2f} |",
+            f"| **estimated hook cost per training step** | **{h['per_training_step_estimate_ms']:.2f}** "
+            f"({h['per_training_step_estimate_ms'] / (result['steps']['lora_step']['median'] * 1e3) * 100:.2f}% "
+            "of the LoRA step) |",
+        ]
+        lines += [
+            "",
+            f"Where the hook path's forward + backward time goes (torch.profiler, {h['profile_passes']} passes; "
+            f"{h['profile_total_self_cpu_ms_per_pass']:.1f} ms self CPU per pass, profiler overhead included):",
+            "",
+            "| op | self CPU ms per pass | calls per pass |",
+            "|---|---:|---:|",
+        ]
         for r in h["profile_top_ops"][:10]:
             lines.append(f"| `{r['op']}` | {r['self_cpu_ms_per_pass']:.2f} | {r['calls_per_pass']:.0f} |")
     fo = result["steps"].get("heft_reft_forward")
     fl = result["steps"].get("heft_lora_forward")
     if fo and fl:
-        lines += ["", f"Whole-forward difference, HEFT reft - HEFT lora (no grad): "
-                      f"{(fo['median'] - fl['median']) * 1e3:+.1f} ms on {fl['median'] * 1e3:.0f} ms "
-                      f"({(fo['median'] / fl['median'] - 1) * 100:+.2f}%)."]
+        lines += [
+            "",
+            f"Whole-forward difference, HEFT reft - HEFT lora (no grad): "
+            f"{(fo['median'] - fl['median']) * 1e3:+.1f} ms on {fl['median'] * 1e3:.0f} ms "
+            f"({(fo['median'] / fl['median'] - 1) * 100:+.2f}%).",
+        ]
     c = result.get("consistency")
     if c:
-        lines += ["", "## Consistency", "", "Losses of the first measured step (same weights everywhere): " +
-                  ", ".join(f"{k} {v:.6f}" for k, v in c["losses"].items()) + f". Max |difference| among HEFT reft "
-                  f"unmerged / merged / pyreft: {fmt(c.get('reft_loss_max_abs_diff'), 2 if c.get('reft_loss_max_abs_diff') is None else 8)}."]
+        lines += [
+            "",
+            "## Consistency",
+            "",
+            "Losses of the first measured step (same weights everywhere): "
+            + ", ".join(f"{k} {v:.6f}" for k, v in c["losses"].items())
+            + f". Max |difference| among HEFT reft "
+            f"unmerged / merged / pyreft: {fmt(c.get('reft_loss_max_abs_diff'), 2 if c.get('reft_loss_max_abs_diff') is None else 8)}.",
+        ]
     if result.get("profile"):
         p = result["profile"]
-        lines += ["", f"## Whole-step profile (torch.profiler, mean of {p['steps_per_variant']} steps per variant)", "",
-                  "Total self CPU per step: " + ", ".join(
-                      f"{v} {p[f'{v}_total_self_cpu_ms']:.0f} ms" for v in ("lora_step", "heft_reft_step",
-                                                                            "heft_reft_merged_step", "pyreft_step")
-                      if f"{v}_total_self_cpu_ms" in p) + ".", "",
-                  "Ops the HEFT reft step (unmerged) calls more often than the LoRA step, by extra self CPU time per "
-                  "step (a single op's time also moves with machine noise; the hook micro-benchmark above is the "
-                  "cleaner number):", "",
-                  "| op | extra ms per step | calls (HEFT reft) | calls (LoRA) |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Whole-step profile (torch.profiler, mean of {p['steps_per_variant']} steps per variant)",
+            "",
+            "Total self CPU per step: "
+            + ", ".join(
+                f"{v} {p[f'{v}_total_self_cpu_ms']:.0f} ms"
+                for v in ("lora_step", "heft_reft_step", "heft_reft_merged_step", "pyreft_step")
+                if f"{v}_total_self_cpu_ms" in p
+            )
+            + ".",
+            "",
+            "Ops the HEFT reft step (unmerged) calls more often than the LoRA step, by extra self CPU time per "
+            "step (a single op's time also moves with machine noise; the hook micro-benchmark above is the "
+            "cleaner number):",
+            "",
+            "| op | extra ms per step | calls (HEFT reft) | calls (LoRA) |",
+            "|---|---:|---:|---:|",
+        ]
         for r in p.get("heft_reft_step_minus_lora_step", [])[:12]:
-            lines.append(f"| `{r['op']}` | {r['extra_self_cpu_ms']:+.2f} | {r['count']:.0f} | {r['count_in_lora_step']:.0f} |")
+            lines.append(
+                f"| `{r['op']}` | {r['extra_self_cpu_ms']:+.2f} | {r['count']:.0f} | {r['count_in_lora_step']:.0f} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -793,10 +955,17 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 steps (smoke run); no results written")
-    parser.add_argument("--smollm2", action="store_true",
-                        help="the embedded SmolLM2-135M-Instruct instead of the random 50M Llama (results/smollm2_cpu.*)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results for a full run; none for --quick)")
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="the embedded SmolLM2-135M-Instruct instead of the random 50M Llama (results/smollm2_cpu.*)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results for a full run; none for --quick)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="measured rounds per step variant (full: 15)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--warmup", type=int, default=1, help="warmup rounds, dropped")
@@ -836,8 +1005,10 @@ def main() -> None:
     timing = interleaved(bench.run, runnable, args.warmup, steps, "steps", t_start)
     gen_raw = interleaved(bench.generate, list(GENERATE_VARIANTS), args.warmup, gen_repeats, "generate", t_start)
     generate = {
-        "rounds": gen_repeats, "warmup_rounds": args.warmup,
-        "seconds": gen_raw["raw_s"], "tokens_per_s": gen_raw["extra"],
+        "rounds": gen_repeats,
+        "warmup_rounds": args.warmup,
+        "seconds": gen_raw["raw_s"],
+        "tokens_per_s": gen_raw["extra"],
         "tokens_per_call": shape["batch"] * shape["new"],
     }
     log("hook micro-benchmark")
@@ -852,8 +1023,10 @@ def main() -> None:
             steps_summary[v]["loss"] = losses[0]
     ratios, info = compute_ratios(timing, generate, errors)
     for r in ratios:
-        log(f"ratio {r['ratio']}: {fmt(r['value'])} (per-round {fmt(r.get('paired_median'))}) target {r['target']} "
-            f"pass={r['pass']}")
+        log(
+            f"ratio {r['ratio']}: {fmt(r['value'])} (per-round {fmt(r.get('paired_median'))}) target {r['target']} "
+            f"pass={r['pass']}"
+        )
 
     losses = {v: s["loss"] for v, s in steps_summary.items() if "loss" in s}
     reft_losses = [losses[v] for v in ("heft_reft_step", "heft_reft_merged_step", "pyreft_step") if v in losses]
@@ -861,14 +1034,17 @@ def main() -> None:
         "losses": losses,
         "reft_loss_max_abs_diff": (max(reft_losses) - min(reft_losses)) if len(reft_losses) > 1 else None,
         "lora_loss_abs_diff": abs(losses["lora_step"] - losses["heft_lora_step"])
-        if {"lora_step", "heft_lora_step"} <= set(losses) else None,
+        if {"lora_step", "heft_lora_step"} <= set(losses)
+        else None,
     }
 
     profile = None
     if args.profile or any(r["pass"] is False for r in ratios):
         log("profiling (a target was missed or --profile)")
-        profile = profile_ops(bench, [v for v in ("lora_step", "heft_reft_step", "heft_reft_merged_step",
-                                                  "pyreft_step") if v in runnable])
+        profile = profile_ops(
+            bench,
+            [v for v in ("lora_step", "heft_reft_step", "heft_reft_merged_step", "pyreft_step") if v in runnable],
+        )
 
     memory = {}
     if not args.no_memory:
@@ -881,16 +1057,30 @@ def main() -> None:
         "benchmark": "peft_heft core CPU",
         "mode": shape_name,
         "setup": {
-            **shape, "parameters": n_params, "dtype": "float32", "device": "cpu",
+            **shape,
+            "parameters": n_params,
+            "dtype": "float32",
+            "device": "cpu",
             "real_lengths": left_padded_batch(shape["batch"], shape["seq"], shape["vocab"], 3)[1].sum(1).tolist(),
-            "prompt_real_lengths": left_padded_batch(shape["batch"], shape["prompt"], shape["vocab"], 4)[1].sum(1).tolist(),
-            "lora": LORA, "intervention_type": "loreft", "intervention_rank": INTERVENTION_RANK,
-            "intervention_layers": "all", "intervention_positions": POSITIONS,
-            "attn_implementation": LlamaForCausalLM(LlamaConfig(
-                hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, vocab_size=8,
-            )).config._attn_implementation,
+            "prompt_real_lengths": left_padded_batch(shape["batch"], shape["prompt"], shape["vocab"], 4)[1]
+            .sum(1)
+            .tolist(),
+            "lora": LORA,
+            "intervention_type": "loreft",
+            "intervention_rank": INTERVENTION_RANK,
+            "intervention_layers": "all",
+            "intervention_positions": POSITIONS,
+            "attn_implementation": LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=8,
+                    intermediate_size=8,
+                    num_hidden_layers=1,
+                    num_attention_heads=1,
+                    vocab_size=8,
+                )
+            ).config._attn_implementation,
             "step": "forward with labels (HF causal-LM loss) + loss.backward(); grads set to None before each step, "
-                    "no optimizer",
+            "no optimizer",
         },
         "variants": {**STEP_VARIANTS, **FORWARD_VARIANTS, **GENERATE_VARIANTS},
         "environment": env,
@@ -903,8 +1093,8 @@ def main() -> None:
         "consistency": consistency,
         "memory": memory,
         "memory_method": "fresh subprocess per variant (MALLOC_MMAP_THRESHOLD_=65536); before each of two steps: "
-                         "gc, read VmRSS (resident: model + inputs), reset the peak RSS by writing 5 to "
-                         "/proc/self/clear_refs, run the step, read VmHWM; delta = VmHWM - VmRSS before the step",
+        "gc, read VmRSS (resident: model + inputs), reset the peak RSS by writing 5 to "
+        "/proc/self/clear_refs, run the step, read VmHWM; delta = VmHWM - VmRSS before the step",
         "profile": profile,
         "argv": sys.argv[1:],
         "errors": errors,

@@ -59,8 +59,12 @@ METHODS = {
     "heft_long": (["lora", "reft"], "long"),
 }
 LABELS = {
-    "zero_shot": "zero-shot", "lora_long": "LoRA-only 20 ep", "reft_long": "ReFT-only 20 ep",
-    "heft_short": "HEFT 3+3 ep", "heft_long": "HEFT 20+20 ep", "heft_short@lora": "HEFT 3+3, after LoRA stage",
+    "zero_shot": "zero-shot",
+    "lora_long": "LoRA-only 20 ep",
+    "reft_long": "ReFT-only 20 ep",
+    "heft_short": "HEFT 3+3 ep",
+    "heft_long": "HEFT 20+20 ep",
+    "heft_short@lora": "HEFT 3+3, after LoRA stage",
 }
 
 
@@ -78,8 +82,13 @@ class StageAccuracy(HeftCallback):
 
 def peft_config(args) -> HeftConfig:
     return HeftConfig(
-        task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj"], intervention_layers="all", intervention_rank=args.reft_rank,
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers="all",
+        intervention_rank=args.reft_rank,
         intervention_positions=args.positions,
     )
 
@@ -93,45 +102,81 @@ def run_one(args, task: str, method: str, seed: int, data, work: Path) -> dict:
 
     def evaluate(m) -> dict:
         start = time.perf_counter()
-        result = evaluate_generation_accuracy(m, tokenizer, data["test"], choices=choices, max_new_tokens=4,
-                                              batch_size=32)
+        result = evaluate_generation_accuracy(
+            m, tokenizer, data["test"], choices=choices, max_new_tokens=4, batch_size=32
+        )
         eval_seconds.append(time.perf_counter() - start)
         return {"accuracy": result["accuracy"], "correct": result["correct"], "total": result["total"]}
 
     train_args = HeftSFTConfig(
-        output_dir=str(work / f"{task}-{method}-{seed}"), stage_order=stages,
-        lora_num_train_epochs=epochs, reft_num_train_epochs=epochs,
-        lora_max_steps=args.max_steps or -1, reft_max_steps=args.max_steps or -1,
-        lora_learning_rate=args.lora_lr, reft_learning_rate=args.reft_lr, merge_lora_before_reft=True,
-        per_device_train_batch_size=args.batch_size, lr_scheduler_type="linear", warmup_steps=0.1,
-        logging_steps=5, save_strategy="no", report_to="none", seed=seed, data_seed=seed, max_length=256,
-        use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+        output_dir=str(work / f"{task}-{method}-{seed}"),
+        stage_order=stages,
+        lora_num_train_epochs=epochs,
+        reft_num_train_epochs=epochs,
+        lora_max_steps=args.max_steps or -1,
+        reft_max_steps=args.max_steps or -1,
+        lora_learning_rate=args.lora_lr,
+        reft_learning_rate=args.reft_lr,
+        merge_lora_before_reft=True,
+        per_device_train_batch_size=args.batch_size,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        max_length=256,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
     )
     stage_accuracy = StageAccuracy(evaluate)
-    trainer = StagedSFTTrainer(model=model, args=train_args, train_dataset=data["train"], processing_class=tokenizer,
-                               peft_config=peft_config(args), callbacks=[stage_accuracy])
+    trainer = StagedSFTTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config(args),
+        callbacks=[stage_accuracy],
+    )
     start = time.perf_counter()
     output = trainer.train()
     wall = time.perf_counter() - start
     train_seconds = sum(output.metrics.get(f"{s}_train_runtime", 0.0) for s in stages)
     return {
-        "task": task, "method": method, "seed": seed, "stages": stages, "epochs_per_stage": epochs,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "stages": stages,
+        "epochs_per_stage": epochs,
         "steps": {s: output.metrics.get(f"{s}_train_steps") for s in stages},
         "train_loss": {s: output.metrics.get(f"{s}_train_loss") for s in stages},
         "accuracy": stage_accuracy.results[stages[-1]]["accuracy"],
         "stage_accuracy": stage_accuracy.results,
-        "train_seconds": train_seconds, "stage_seconds": {s: output.metrics.get(f"{s}_train_runtime") for s in stages},
-        "eval_seconds": eval_seconds, "wall_seconds": wall,
+        "train_seconds": train_seconds,
+        "stage_seconds": {s: output.metrics.get(f"{s}_train_runtime") for s in stages},
+        "eval_seconds": eval_seconds,
+        "wall_seconds": wall,
     }
 
 
 def zero_shot(args, task: str, data) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
     start = time.perf_counter()
-    result = evaluate_generation_accuracy(model, tokenizer, data["test"], choices=list(TASKS[task].choices),
-                                          max_new_tokens=4, batch_size=32)
-    return {"task": task, "method": "zero_shot", "accuracy": result["accuracy"], "correct": result["correct"],
-            "total": result["total"], "train_seconds": 0.0, "eval_seconds": [time.perf_counter() - start]}
+    result = evaluate_generation_accuracy(
+        model, tokenizer, data["test"], choices=list(TASKS[task].choices), max_new_tokens=4, batch_size=32
+    )
+    return {
+        "task": task,
+        "method": "zero_shot",
+        "accuracy": result["accuracy"],
+        "correct": result["correct"],
+        "total": result["total"],
+        "train_seconds": 0.0,
+        "eval_seconds": [time.perf_counter() - start],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -145,30 +190,42 @@ def summarize(results: dict) -> list[dict]:
             groups.setdefault(r["method"], []).append(r)
             if r["method"] == "heft_short" and "lora" in r.get("stage_accuracy", {}):
                 groups.setdefault("heft_short@lora", []).append(
-                    {**r, "accuracy": r["stage_accuracy"]["lora"]["accuracy"],
-                     "train_seconds": r["stage_seconds"]["lora"]})
+                    {
+                        **r,
+                        "accuracy": r["stage_accuracy"]["lora"]["accuracy"],
+                        "train_seconds": r["stage_seconds"]["lora"],
+                    }
+                )
         for method in ["zero_shot", "lora_long", "reft_long", "heft_short@lora", "heft_short", "heft_long"]:
             group = groups.get(method)
             if not group:
                 continue
             acc = [g["accuracy"] for g in group]
             secs = [g["train_seconds"] for g in group]
-            rows.append({
-                "task": task, "method": method, "label": LABELS[method], "n": len(group),
-                "seeds": sorted(g.get("seed", 0) for g in group),
-                "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                "train_seconds_mean": statistics.mean(secs),
-                "eval_total": group[0].get("total") or group[0].get("stage_accuracy", {}).get(
-                    group[0].get("stages", ["lora"])[-1], {}).get("total"),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "method": method,
+                    "label": LABELS[method],
+                    "n": len(group),
+                    "seeds": sorted(g.get("seed", 0) for g in group),
+                    "accuracy_mean": statistics.mean(acc),
+                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "train_seconds_mean": statistics.mean(secs),
+                    "eval_total": group[0].get("total")
+                    or group[0].get("stage_accuracy", {}).get(group[0].get("stages", ["lora"])[-1], {}).get("total"),
+                }
+            )
     return rows
 
 
 def markdown(results: dict, rows: list[dict]) -> str:
     s = results["setup"]
     lines = [
-        "# HEFT replication at small scale (SmolLM2-135M-Instruct, CPU)", "",
-        f"{results.get('date_utc', '')} · {s['device']} · torch {s['torch']} · commit `{s.get('commit', '')[:10]}`", "",
+        "# HEFT replication at small scale (SmolLM2-135M-Instruct, CPU)",
+        "",
+        f"{results.get('date_utc', '')} · {s['device']} · torch {s['torch']} · commit `{s.get('commit', '')[:10]}`",
+        "",
         f"Model {s['model']} (embedded Q4_1 GGUF, dequantized to fp32). Training subset: first {s['train_size']} "
         f"training rows of each task; held-out: first {s['eval_size']} test rows (fixed splits of peft_heft.assets). "
         f"Batch {s['batch_size']}, linear schedule, 10% warmup; LoRA r={s['lora_r']} on q_proj/v_proj, lr "
@@ -182,8 +239,10 @@ def markdown(results: dict, rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['label']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['n']} | "
-                     f"{r['train_seconds_mean']:.0f} |")
+        lines.append(
+            f"| {r['task']} | {r['label']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['n']} | "
+            f"{r['train_seconds_mean']:.0f} |"
+        )
     lines += ["", "Does the paper's ordering hold here? (computed from the rows above)", ""]
     for task in sorted({r["task"] for r in rows}):
         by = {r["method"]: r for r in rows if r["task"] == task}
@@ -195,13 +254,17 @@ def markdown(results: dict, rows: list[dict]) -> str:
                 delta = short["accuracy_mean"] - by[other]["accuracy_mean"]
                 time_ratio = short["train_seconds_mean"] / max(by[other]["train_seconds_mean"], 1e-9)
                 verdict = "beats" if delta > 0 else "does not beat"
-                lines.append(f"- {task}: HEFT 3+3 {verdict} {LABELS[other]} ({delta:+.3f} accuracy) at "
-                             f"{time_ratio:.2f}x its training time.")
+                lines.append(
+                    f"- {task}: HEFT 3+3 {verdict} {LABELS[other]} ({delta:+.3f} accuracy) at "
+                    f"{time_ratio:.2f}x its training time."
+                )
         if "majority" in by:
             best = max((r for r in by.values() if r["method"] != "majority"), key=lambda r: r["accuracy_mean"])
             if best["accuracy_mean"] <= by["majority"]["accuracy_mean"] + 0.02:
-                lines.append(f"- {task}: no method is more than 0.02 above the majority class "
-                             f"({by['majority']['accuracy_mean']:.3f}): the model does not learn this task here.")
+                lines.append(
+                    f"- {task}: no method is more than 0.02 above the majority class "
+                    f"({by['majority']['accuracy_mean']:.3f}): the model does not learn this task here."
+                )
     lines += ["<!-- --8<-- [end:results] -->", "", "![accuracy vs train time](replication.png)", ""]
     return "\n".join(lines)
 
@@ -214,15 +277,28 @@ def plot(rows: list[dict], path: Path) -> None:
 
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    markers = {"zero_shot": "x", "lora_long": "s", "reft_long": "^", "heft_short": "o", "heft_long": "D",
-               "heft_short@lora": "."}
+    markers = {
+        "zero_shot": "x",
+        "lora_long": "s",
+        "reft_long": "^",
+        "heft_short": "o",
+        "heft_long": "D",
+        "heft_short@lora": ".",
+    }
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in [r for r in rows if r["task"] == task]:
             if r["method"] == "majority":
                 ax.axhline(r["accuracy_mean"], color="gray", linestyle="--", linewidth=1, label=r["label"])
                 continue
-            ax.errorbar(r["train_seconds_mean"] / 60, r["accuracy_mean"], yerr=r["accuracy_std"], fmt=markers[r["method"]],
-                        markersize=8, capsize=3, label=f"{r['label']} (n={r['n']})")
+            ax.errorbar(
+                r["train_seconds_mean"] / 60,
+                r["accuracy_mean"],
+                yerr=r["accuracy_std"],
+                fmt=markers[r["method"]],
+                markersize=8,
+                capsize=3,
+                label=f"{r['label']} (n={r['n']})",
+            )
         ax.set_title(task)
         ax.set_xlabel("training wall time (min, 2 CPU cores)")
         ax.set_ylabel("held-out accuracy")
@@ -247,9 +323,19 @@ def majority_rows(results: dict) -> list[dict]:
     for task in sorted({r["task"] for r in results["runs"].values()}):
         labels = load_task_dataset(task, max_train=1, max_test=results["setup"]["eval_size"])["test"]["label"]
         label, count = Counter(labels).most_common(1)[0]
-        rows.append({"task": task, "method": "majority", "label": f"majority class ('{label}')", "n": 1, "seeds": [],
-                     "accuracy_mean": count / len(labels), "accuracy_std": 0.0, "train_seconds_mean": 0.0,
-                     "eval_total": len(labels)})
+        rows.append(
+            {
+                "task": task,
+                "method": "majority",
+                "label": f"majority class ('{label}')",
+                "n": 1,
+                "seeds": [],
+                "accuracy_mean": count / len(labels),
+                "accuracy_std": 0.0,
+                "train_seconds_mean": 0.0,
+                "eval_total": len(labels),
+            }
+        )
     return rows
 
 
@@ -271,7 +357,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="+", default=["strategyqa", "rotten_tomatoes"], choices=sorted(TASKS))
-    parser.add_argument("--methods", nargs="+", default=["lora_long", "reft_long", "heft_short"], choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["lora_long", "reft_long", "heft_short"], choices=list(METHODS)
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--train_size", type=int, default=48)
     parser.add_argument("--eval_size", type=int, default=200)
@@ -287,7 +375,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--stem", default="replication")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "replication")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 16 train / 16 eval, 2 steps per stage, into out/")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 16 train / 16 eval, 2 steps per stage, into out/"
+    )
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
     args = parser.parse_args()
     if args.quick:
@@ -301,14 +391,35 @@ def main() -> None:
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         setup = {k: v for k, v in vars(args).items() if k not in ("out", "work", "report", "quick", "stem")}
-        setup.update(torch=torch.__version__, commit=commit, device="cuda" if torch.cuda.is_available() else
-                     f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        setup.update(
+            torch=torch.__version__,
+            commit=commit,
+            device="cuda"
+            if torch.cuda.is_available()
+            else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        )
         old = results.get("setup")
-        keys = ("model", "train_size", "eval_size", "batch_size", "short_epochs", "long_epochs", "lora_r", "lora_lr",
-                "reft_rank", "reft_lr", "positions", "max_steps")
+        keys = (
+            "model",
+            "train_size",
+            "eval_size",
+            "batch_size",
+            "short_epochs",
+            "long_epochs",
+            "lora_r",
+            "lora_lr",
+            "reft_rank",
+            "reft_lr",
+            "positions",
+            "max_steps",
+        )
         if old and any(old.get(k) != setup[k] for k in keys):
             raise SystemExit(f"{json_path} holds runs with other settings; use --stem NAME for a new result set.")
-        results["setup"] = {**(old or {}), **setup, "seeds": sorted(set((old or {}).get("seeds", [])) | set(args.seeds))}
+        results["setup"] = {
+            **(old or {}),
+            **setup,
+            "seeds": sorted(set((old or {}).get("seeds", [])) | set(args.seeds)),
+        }
         results["date_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         started = time.perf_counter()
         for task in args.tasks:
@@ -327,8 +438,10 @@ def main() -> None:
                     results["runs"][key] = run_one(args, task, method, seed, data, args.work)
                     write(results, json_path)
                     r = results["runs"][key]
-                    log(f"{key}: accuracy {r['accuracy']:.3f} (stages {r['stage_accuracy']}), train "
-                        f"{r['train_seconds']:.0f}s, total {(time.perf_counter() - started) / 60:.1f} min")
+                    log(
+                        f"{key}: accuracy {r['accuracy']:.3f} (stages {r['stage_accuracy']}), train "
+                        f"{r['train_seconds']:.0f}s, total {(time.perf_counter() - started) / 60:.1f} min"
+                    )
     report(results, args.out, args.stem)
 
 

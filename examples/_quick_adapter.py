@@ -21,14 +21,36 @@ def train_quick_adapter(task: str, output_dir: str | Path, steps: int, train_siz
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
     cuda = torch.cuda.is_available()
     args = HeftSFTConfig(
-        output_dir=str(output_dir), lora_max_steps=steps, reft_max_steps=steps, lora_learning_rate=5e-4,
-        reft_learning_rate=2e-3, per_device_train_batch_size=8, save_strategy="no", report_to="none",
-        use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False, disable_tqdm=True, logging_steps=max(1, steps),
+        output_dir=str(output_dir),
+        lora_max_steps=steps,
+        reft_max_steps=steps,
+        lora_learning_rate=5e-4,
+        reft_learning_rate=2e-3,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        logging_steps=max(1, steps),
     )
-    config = HeftConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        intervention_layers="all", intervention_rank=4, intervention_positions="f5+l5")
-    trainer = StagedSFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=config,
-                               train_dataset=load_task_dataset(task, max_train=train_size)["train"])
+    config = HeftConfig(
+        task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers="all",
+        intervention_rank=4,
+        intervention_positions="f5+l5",
+    )
+    trainer = StagedSFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=config,
+        train_dataset=load_task_dataset(task, max_train=train_size)["train"],
+    )
     trainer.train()
     trainer.save_model()
     return Path(output_dir)

@@ -33,16 +33,34 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
     data = load_task_dataset("rotten_tomatoes", max_train=32 if cli.fast else 512)
     args = HeftSFTConfig(
-        output_dir=cli.output_dir, lora_num_train_epochs=1, reft_num_train_epochs=1,
-        lora_max_steps=2 if cli.fast else -1, reft_max_steps=2 if cli.fast else -1,
-        lora_learning_rate=5e-4, reft_learning_rate=2e-3, per_device_train_batch_size=4, save_strategy="no",
-        report_to="none", logging_steps=1 if cli.fast else 8, use_cpu=not cuda, bf16=cuda,
-        gradient_checkpointing=False, ddp_find_unused_parameters=False,
+        output_dir=cli.output_dir,
+        lora_num_train_epochs=1,
+        reft_num_train_epochs=1,
+        lora_max_steps=2 if cli.fast else -1,
+        reft_max_steps=2 if cli.fast else -1,
+        lora_learning_rate=5e-4,
+        reft_learning_rate=2e-3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1 if cli.fast else 8,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        ddp_find_unused_parameters=False,
     )
-    config = HeftConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        intervention_layers="all", intervention_rank=4, intervention_positions="f5+l5")
-    trainer = StagedSFTTrainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer,
-                               peft_config=config)
+    config = HeftConfig(
+        task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers="all",
+        intervention_rank=4,
+        intervention_positions="f5+l5",
+    )
+    trainer = StagedSFTTrainer(
+        model=model, args=args, train_dataset=data["train"], processing_class=tokenizer, peft_config=config
+    )
     output = trainer.train()
     trainer.save_model()
 
@@ -54,9 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     dist.all_gather(gathered, checksum) if world > 1 else gathered.__setitem__(0, checksum)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
     if trainer.is_world_process_zero():
-        print(f"world size {world}; LoRA stage {output.metrics['lora_train_steps']} steps, ReFT stage "
-              f"{output.metrics['reft_train_steps']} steps; adapters identical on every rank: {same}; saved to "
-              f"{cli.output_dir}")
+        print(
+            f"world size {world}; LoRA stage {output.metrics['lora_train_steps']} steps, ReFT stage "
+            f"{output.metrics['reft_train_steps']} steps; adapters identical on every rank: {same}; saved to "
+            f"{cli.output_dir}"
+        )
     if not same:
         raise SystemExit("adapters differ across ranks")
 

@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
         review = row["prompt"][0]["content"].splitlines()[0][:70]
         print(f"{review!r}\n    label {row['label']!r} | HEFT {with_adapter!r} | base {without!r}")
     print(f"use_cache=False gives the same tokens: {torch.equal(cached, uncached)}")
-    return {"heft": heft, "heft_no_cache": heft_nocache, "base": base_answers, "same_tokens": torch.equal(cached, uncached)}
+    return {
+        "heft": heft,
+        "heft_no_cache": heft_nocache,
+        "base": base_answers,
+        "same_tokens": torch.equal(cached, uncached),
+    }
 
 
 if __name__ == "__main__":

@@ -68,8 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         refused = str(error)
         print(f"merge_and_unload() refused: {refused.split(':')[0]}")
-    return {"max_logit_diff": max_diff, "same_tokens": torch.equal(before, after), "refused": refused,
-            "unmerged_s": before_s, "merged_s": after_s}
+    return {
+        "max_logit_diff": max_diff,
+        "same_tokens": torch.equal(before, after),
+        "refused": refused,
+        "unmerged_s": before_s,
+        "merged_s": after_s,
+    }
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ("sentiment", "yesno"):
             model.set_adapter(name)
             logits[name] = model(**inputs).logits[0, -1]
-            answer = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+            answer = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
             print(f"active adapter {model.active_adapter!r}: {tokenizer.decode(answer, skip_special_tokens=True)!r}")
         with model.disable_adapter():
             logits["base"] = model(**inputs).logits[0, -1]

@@ -17,6 +17,7 @@ Run it with ``.venv/bin/python examples/plain_pytorch.py`` (tiny random model; `
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import time
@@ -44,8 +45,26 @@ ADAPTER_DIR = OUT / "heft-plain-pytorch"
 POSITIVE = ["good", "great", "fun", "love", "nice", "best", "superb", "charming"]
 NEGATIVE = ["bad", "awful", "boring", "hate", "poor", "worst", "dull", "messy"]
 FILLER = [
-    "the", "movie", "film", "plot", "actor", "was", "and", "very", "a", "story", "it", "music",
-    "ending", "cast", "scenes", "quite", "really", "script", "director", "this",
+    "the",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "was",
+    "and",
+    "very",
+    "a",
+    "story",
+    "it",
+    "music",
+    "ending",
+    "cast",
+    "scenes",
+    "quite",
+    "really",
+    "script",
+    "director",
+    "this",
 ]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PROMPT_WORDS = ["review:", "sentiment:"]
@@ -90,7 +109,11 @@ def train_batch(tok, examples, heft_config: HeftConfig, device):
     # By default HEFT places the "f3+l3" positions from attention_mask, i.e. on the last real tokens of the whole
     # sequence, which here would be the answer. Like pyreft, intervene on the prompt only: locations from the prompt.
     locations = compute_locations(
-        heft_config.position_spec, prompt_mask, ids.shape[0], ids.shape[1], heft_config.share_intervention_weights,
+        heft_config.position_spec,
+        prompt_mask,
+        ids.shape[0],
+        ids.shape[1],
+        heft_config.share_intervention_weights,
         device,
     )
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "intervention_locations": locations}
@@ -133,7 +156,10 @@ def train_stage(model, tok, train, heft_config, device, *, stage, epochs, lr, ba
                 bar.update()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="1 epoch per stage instead of 3 (used by the tests)")
+    epochs = 1 if parser.parse_args(argv).fast else 3
     t0 = time.time()
     hf_logging.disable_progress_bar()  # keep the output to the two training bars
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -151,9 +177,16 @@ def main() -> None:
 
     # A tiny Llama with random weights, saved like any Hugging Face checkpoint so the adapter can be reloaded on it.
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(BASE_DIR)
     tok.save_pretrained(BASE_DIR)
@@ -173,9 +206,9 @@ def main() -> None:
     model.print_trainable_parameters()
 
     results = {"zero-shot": accuracy(model, tok, evaluation, device)}
-    train_stage(model, tok, train, heft_config, device, stage="lora", epochs=3, lr=1e-2)
+    train_stage(model, tok, train, heft_config, device, stage="lora", epochs=epochs, lr=1e-2)
     results["after LoRA"] = accuracy(model, tok, evaluation, device)
-    train_stage(model, tok, train, heft_config, device, stage="reft", epochs=3, lr=1e-2)
+    train_stage(model, tok, train, heft_config, device, stage="reft", epochs=epochs, lr=1e-2)
     results["after ReFT"] = accuracy(model, tok, evaluation, device)
 
     majority = max(sum(a == "pos" for _, a in evaluation), sum(a == "neg" for _, a in evaluation)) / len(evaluation)
@@ -197,8 +230,10 @@ def main() -> None:
     diff = (trained_logits - reloaded_logits).abs().max().item()
     effect = (trained_logits - base_logits).abs().max().item()
     print(f"\nsaved adapter to {ADAPTER_DIR}/ ({', '.join(sorted(os.listdir(ADAPTER_DIR)))})")
-    print(f"reloaded with PeftModel.from_pretrained: max |logits difference| = {diff:.2e} "
-          f"(vs {effect:.2e} between the trained model and the base model)")
+    print(
+        f"reloaded with PeftModel.from_pretrained: max |logits difference| = {diff:.2e} "
+        f"(vs {effect:.2e} between the trained model and the base model)"
+    )
     if diff > 1e-4:
         raise SystemExit("reloaded adapter does not reproduce the trained model's logits")
 

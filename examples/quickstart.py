@@ -26,8 +26,13 @@ from peft import get_peft_model
 from peft_heft import HeftConfig
 
 config = HeftConfig(
-    task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],  # stage 1: LoRA
-    intervention_layers="all", intervention_rank=4, intervention_positions="f5+l5",   # stage 2: LoReFT
+    task_type="CAUSAL_LM",
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "v_proj"],  # stage 1: LoRA
+    intervention_layers="all",
+    intervention_rank=4,
+    intervention_positions="f5+l5",  # stage 2: LoReFT
 )
 model = get_peft_model(model, config)
 model.print_trainable_parameters()
@@ -38,10 +43,17 @@ from peft_heft import HeftSFTConfig, StagedSFTTrainer
 
 args = HeftSFTConfig(
     output_dir="heft-quickstart",
-    lora_num_train_epochs=1, reft_num_train_epochs=1,     # the paper uses 3 + 3
-    lora_learning_rate=5e-4, reft_learning_rate=2e-3,
-    per_device_train_batch_size=8, logging_steps=4, save_strategy="no", report_to="none",
-    use_cpu=True, bf16=False, gradient_checkpointing=False,  # drop these three on a GPU
+    lora_num_train_epochs=1,
+    reft_num_train_epochs=1,  # the paper uses 3 + 3
+    lora_learning_rate=5e-4,
+    reft_learning_rate=2e-3,
+    per_device_train_batch_size=8,
+    logging_steps=4,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,  # drop these three on a GPU
 )
 trainer = StagedSFTTrainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer)
 output = trainer.train()
@@ -58,7 +70,7 @@ reloaded = PeftModel.from_pretrained(base, "heft-quickstart")
 messages = data["test"][0]["prompt"]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
-print(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 # --8<-- [end:reload]
 
 # --8<-- [start:measure]

@@ -60,9 +60,16 @@ def main(argv=None) -> dict:
 
     base_dir = Path(cli.output_dir) / "tiny-base"
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     set_seed(0)
     LlamaForCausalLM(config).save_pretrained(base_dir)
@@ -70,32 +77,54 @@ def main(argv=None) -> dict:
 
     args = HeftSFTConfig(
         output_dir=cli.output_dir,
-        lora_num_train_epochs=3, reft_num_train_epochs=3,            # the paper's 3 + 3
-        lora_max_steps=4 if cli.fast else None, reft_max_steps=4 if cli.fast else None,
-        lora_learning_rate=1e-2, reft_learning_rate=1e-2,
-        per_device_train_batch_size=32, logging_steps=10, save_strategy="no", report_to="none",
-        use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=64,
+        lora_num_train_epochs=3,
+        reft_num_train_epochs=3,  # the paper's 3 + 3
+        lora_max_steps=4 if cli.fast else None,
+        reft_max_steps=4 if cli.fast else None,
+        lora_learning_rate=1e-2,
+        reft_learning_rate=1e-2,
+        per_device_train_batch_size=32,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=64,
     )
     peft_config = HeftConfig(
-        task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-        intervention_layers="all", intervention_rank=4, intervention_positions="f3+l3",
+        task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers="all",
+        intervention_rank=4,
+        intervention_positions="f3+l3",
     )
     held_out_eval = held_out.select(range(40)) if cli.fast else held_out
     stage_accuracy = StageAccuracy(tok, held_out_eval)
     trainer = StagedSFTTrainer(
-        model=str(base_dir), args=args, train_dataset=train, processing_class=tok, peft_config=peft_config,
+        model=str(base_dir),
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        peft_config=peft_config,
         callbacks=[stage_accuracy],
     )
     zero_shot = evaluate_generation_accuracy(trainer.model, tok, held_out_eval, choices=CHOICES, max_new_tokens=2)
     print(f"[zero-shot] generation accuracy {zero_shot['accuracy']:.3f}")
     output = trainer.train()
     trainer.save_model()
-    print(f"LoRA stage: {output.metrics['lora_train_steps']} steps, {output.metrics['lora_train_runtime']:.1f}s; "
-          f"ReFT stage: {output.metrics['reft_train_steps']} steps, {output.metrics['reft_train_runtime']:.1f}s")
+    print(
+        f"LoRA stage: {output.metrics['lora_train_steps']} steps, {output.metrics['lora_train_runtime']:.1f}s; "
+        f"ReFT stage: {output.metrics['reft_train_steps']} steps, {output.metrics['reft_train_runtime']:.1f}s"
+    )
 
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), cli.output_dir)
     again = evaluate_generation_accuracy(reloaded, tok, held_out_eval, choices=CHOICES, max_new_tokens=2)
-    print(f"adapter saved to {cli.output_dir}; reloaded with PeftModel.from_pretrained: accuracy {again['accuracy']:.3f}")
+    print(
+        f"adapter saved to {cli.output_dir}; reloaded with PeftModel.from_pretrained: accuracy {again['accuracy']:.3f}"
+    )
     return {"zero-shot": zero_shot["accuracy"], **stage_accuracy.results, "reloaded": again["accuracy"]}
 
 

@@ -26,7 +26,8 @@ from .config import HeftConfig
 from .trainer.config import HeftSFTConfig
 
 _INTERVENTION_FIELDS = [
-    f for f in dataclasses.fields(HeftConfig)
+    f
+    for f in dataclasses.fields(HeftConfig)
     if f.name.startswith("intervention_") or f.name == "share_intervention_weights"
 ]
 
@@ -34,13 +35,23 @@ _INTERVENTION_FIELDS = [
 def _cli_field(f: dataclasses.Field) -> tuple:
     """The HeftConfig field as a CLI option: same name, default and help; layers are given as text."""
     if f.name == "intervention_layers":
-        return f.name, str, field(default="all", metadata={"help": f.metadata["help"] + " On the command line: "
-                                                                 "'all', one index, or a comma list like '2,4,-1'."})
+        return (
+            f.name,
+            str,
+            field(
+                default="all",
+                metadata={
+                    "help": f.metadata["help"] + " On the command line: "
+                    "'all', one index, or a comma list like '2,4,-1'."
+                },
+            ),
+        )
     return f.name, f.type, field(default=f.default, metadata=dict(f.metadata))
 
 
 HeftInterventionArguments = dataclasses.make_dataclass(
-    "HeftInterventionArguments", [_cli_field(f) for f in _INTERVENTION_FIELDS],
+    "HeftInterventionArguments",
+    [_cli_field(f) for f in _INTERVENTION_FIELDS],
     namespace={"__doc__": "HeftConfig's intervention options (LoRA options come from TRL's ModelConfig)."},
 )
 
@@ -83,7 +94,9 @@ def parse_layers(text):
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise ValueError(f"--intervention_layers {text!r}: use 'all', one index or a comma list like '2,4,-1'.") from None
+        raise ValueError(
+            f"--intervention_layers {text!r}: use 'all', one index or a comma list like '2,4,-1'."
+        ) from None
     return values[0] if len(values) == 1 else values
 
 
@@ -121,7 +134,7 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
     if name.startswith(EMBEDDED_PREFIX):
         from .assets import load_task_dataset
 
-        return load_task_dataset(name[len(EMBEDDED_PREFIX):])
+        return load_task_dataset(name[len(EMBEDDED_PREFIX) :])
     if os.path.isfile(name):
         ext = os.path.splitext(name)[1].lower()
         if ext not in _FILE_BUILDERS:
@@ -165,8 +178,10 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required: a local .json/.jsonl/.csv/.parquet file or a dataset name.")
     model_init_kwargs = dict(
-        revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
     )
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
@@ -204,8 +219,13 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     if script_args.eval_accuracy:
         choices = [c for c in (script_args.answer_choices or "").split(",") if c.strip()] or None
         accuracy = evaluate_generation_accuracy(
-            trainer.model, trainer.processing_class, evaluation, choices=choices, trigger=script_args.answer_trigger,
-            max_new_tokens=script_args.max_new_tokens, max_samples=script_args.eval_max_samples,
+            trainer.model,
+            trainer.processing_class,
+            evaluation,
+            choices=choices,
+            trigger=script_args.answer_trigger,
+            max_new_tokens=script_args.max_new_tokens,
+            max_samples=script_args.eval_max_samples,
         )
         results["generation_accuracy"] = {k: accuracy[k] for k in ("accuracy", "correct", "total")}
         trainer.accelerator.print(

@@ -86,7 +86,8 @@ class HeftConfig(LoraConfig):
         default=None, metadata={"help": "Hidden size of the model the adapter was made for (filled in automatically)."}
     )
     base_model_num_layers: int | None = field(
-        default=None, metadata={"help": "Decoder layer count of the model the adapter was made for (filled in automatically)."}
+        default=None,
+        metadata={"help": "Decoder layer count of the model the adapter was made for (filled in automatically)."},
     )
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ def extract_answer(text: str, choices: Sequence[str] | None = None, trigger: str
     if trigger:
         at = text.lower().find(trigger.lower())
         if at >= 0:
-            text = text[at + len(trigger):]
+            text = text[at + len(trigger) :]
     text = text.strip().lower()
     if choices:
         best, best_at = "", len(text) + 1
@@ -111,16 +111,19 @@ def generate_answers(
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            rows = [_prompt_ids(tokenizer, p) for p in prompts[start: start + batch_size]]
+            rows = [_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, row in enumerate(rows):
-                ids[i, width - len(row):] = torch.tensor(row)
-                mask[i, width - len(row):] = 1
+                ids[i, width - len(row) :] = torch.tensor(row)
+                mask[i, width - len(row) :] = 1
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
             outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     finally:

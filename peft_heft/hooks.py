@@ -55,6 +55,8 @@ def intervene(hidden: torch.Tensor, located: Located, interventions: list[nn.Mod
     if len(interventions) == 1:
         new = interventions[0](base)
     else:
-        new = torch.cat([m(part) for m, part in zip(interventions, base.split(located.split, dim=1), strict=True)], dim=1)
+        new = torch.cat(
+            [m(part) for m, part in zip(interventions, base.split(located.split, dim=1), strict=True)], dim=1
+        )
     delta = (new - base) * located.keep
     return hidden.scatter_add(1, located.index, delta)

@@ -182,7 +182,9 @@ def register_intervention_type(name: str, cls: type[TrainableIntervention], *, o
         ```
     """
     if not isinstance(cls, type) or not issubclass(cls, TrainableIntervention):
-        raise TypeError(f"{cls!r} is not a pyvene TrainableIntervention subclass; it cannot be used as a HEFT intervention.")
+        raise TypeError(
+            f"{cls!r} is not a pyvene TrainableIntervention subclass; it cannot be used as a HEFT intervention."
+        )
     key = name.lower()
     if key in INTERVENTION_TYPES and INTERVENTION_TYPES[key] is not cls and not overwrite:
         raise ValueError(f"Intervention type {name!r} is already registered; pass overwrite=True to replace it.")

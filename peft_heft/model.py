@@ -93,7 +93,9 @@ class HeftModel(LoraModel):
         self._routes: dict[int, list[tuple[tuple, list[nn.Module]]]] = {}
         object.__setattr__(self, "_heft_ready", True)
 
-    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
+    def inject_adapter(
+        self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
+    ):
         self._ensure_heft_state()
         config: HeftConfig = self.peft_config[adapter_name]
         if not isinstance(config, HeftConfig):
@@ -107,8 +109,11 @@ class HeftModel(LoraModel):
                 f"use a rank <= {hidden_size}."
             )
         super().inject_adapter(
-            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
         )
         config.base_model_hidden_size = hidden_size
         config.base_model_num_layers = num_layers
@@ -195,7 +200,9 @@ class HeftModel(LoraModel):
                 groups = config.num_position_groups
                 key = (config.position_spec, config.share_intervention_weights)
                 for layer in resolve_layers(config.intervention_layers, self._num_layers):
-                    mods = [self.heft_interventions[adapter][_intervention_key(layer, g, groups)] for g in range(groups)]
+                    mods = [
+                        self.heft_interventions[adapter][_intervention_key(layer, g, groups)] for g in range(groups)
+                    ]
                     routes.setdefault(layer, []).append((key, mods))
         self._routes = routes
 

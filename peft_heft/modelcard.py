@@ -113,11 +113,17 @@ def heft_card_section(
         heft_settings_table(config),
     ]
     if training:
-        parts += ["", "### Training", "", "| stage | " + " | ".join(_training_columns(training)) + " |",
-                  "|---|" + "---|" * len(_training_columns(training))]
+        parts += [
+            "",
+            "### Training",
+            "",
+            "| stage | " + " | ".join(_training_columns(training)) + " |",
+            "|---|" + "---|" * len(_training_columns(training)),
+        ]
         for stage, options in training.items():
-            parts.append(f"| {stage} | " + " | ".join(_fmt(options.get(c, "-")) for c in _training_columns(training))
-                         + " |")
+            parts.append(
+                f"| {stage} | " + " | ".join(_fmt(options.get(c, "-")) for c in _training_columns(training)) + " |"
+            )
         if dataset_name:
             parts += ["", f"Training data: `{dataset_name}`."]
     elif dataset_name:
@@ -184,8 +190,11 @@ def update_model_card(
     if hub_names:
         data.datasets = sorted(set(data.datasets or []) | set(hub_names))
     section = heft_card_section(
-        config, model_id or os.fspath(output_dir), training=training,
-        dataset_name=", ".join(names) if names else None, metrics=metrics,
+        config,
+        model_id or os.fspath(output_dir),
+        training=training,
+        dataset_name=", ".join(names) if names else None,
+        metrics=metrics,
     )
     text = card.text
     pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END), re.DOTALL)

@@ -23,8 +23,10 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "positions.pn
 
 def main() -> None:
     tok = AutoTokenizer.from_pretrained(resolve_model_name_or_path("HuggingFaceTB/SmolLM2-135M-Instruct"))
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Review: a gripping, funny film.\nPositive or negative?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Review: a gripping, funny film.\nPositive or negative?"},
+    ]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     answer = tok("Positive<|im_end|>", add_special_tokens=False)["input_ids"]
     width = len(prompt) + len(answer) + 3
@@ -57,10 +59,18 @@ def main() -> None:
         ax.axis("off")
         ax.set_title(f"{padding} padding", loc="left", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, ec="#999999") for c in colors.values()]
-    fig.legend(handles, ["intervened (f5 + l5 of the prompt)", "prompt, not intervened", "answer (trained on)",
-                         "padding"], loc="lower center", ncol=4, fontsize=9)
-    fig.suptitle('intervention_positions="f5+l5" on a chat prompt (SmolLM2 tokenizer): first 5 and last 5 '
-                 "prompt tokens, whatever the padding", fontsize=11)
+    fig.legend(
+        handles,
+        ["intervened (f5 + l5 of the prompt)", "prompt, not intervened", "answer (trained on)", "padding"],
+        loc="lower center",
+        ncol=4,
+        fontsize=9,
+    )
+    fig.suptitle(
+        'intervention_positions="f5+l5" on a chat prompt (SmolLM2 tokenizer): first 5 and last 5 '
+        "prompt tokens, whatever the padding",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(OUT, dpi=100)

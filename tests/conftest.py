@@ -16,8 +16,15 @@ VOCAB = 97
 def tiny_llama(seed: int = 0, layers: int = 4, hidden: int = 32, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
@@ -25,16 +32,33 @@ def tiny_llama(seed: int = 0, layers: int = 4, hidden: int = 32, dtype=torch.flo
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
+    config = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -47,8 +71,14 @@ ARCHITECTURES = {
 
 def heft_config(**overrides) -> peft_heft.HeftConfig:
     kwargs = dict(
-        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], intervention_layers=[1, -1],
-        intervention_rank=2, intervention_positions="f2+l2", init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[1, -1],
+        intervention_rank=2,
+        intervention_positions="f2+l2",
+        init_lora_weights=False,
     )
     kwargs.update(overrides)
     return peft_heft.HeftConfig(**kwargs)
@@ -66,8 +96,8 @@ def left_padded_batch(seed: int = 1, lengths=(9, 6, 4), pad_id: int = 0):
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
     return ids, mask, rows
 
 

@@ -52,15 +52,40 @@ class CheckRanks(HeftCallback):
 
 def main(output_dir):
     args = HeftSFTConfig(
-        output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4,
-        lora_max_steps=5, reft_max_steps=5, lora_learning_rate=1e-2, reft_learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", max_length=64, disable_tqdm=True, seed=0, gradient_checkpointing=True,
+        output_dir=output_dir,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        lora_max_steps=5,
+        reft_max_steps=5,
+        lora_learning_rate=1e-2,
+        reft_learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+        seed=0,
+        gradient_checkpointing=True,
     )
-    config = HeftConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        intervention_layers=[0, 1], intervention_rank=2, intervention_positions="f2+l2")
+    config = HeftConfig(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=2,
+        intervention_positions="f2+l2",
+    )
     check = CheckRanks()
-    trainer = StagedSFTTrainer(tiny_sft_model(), args=args, train_dataset=make_dataset("prompt_completion", 32),
-                               processing_class=tiny_tokenizer(), peft_config=config, callbacks=[check])
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(),
+        args=args,
+        train_dataset=make_dataset("prompt_completion", 32),
+        processing_class=tiny_tokenizer(),
+        peft_config=config,
+        callbacks=[check],
+    )
     check.trainer = trainer
     out = trainer.train()
     if trainer.is_world_process_zero():

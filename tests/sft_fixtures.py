@@ -39,9 +39,18 @@ def tiny_sft_model(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaFor
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(SPECIALS) + len(WORDS), max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(SPECIALS) + len(WORDS),
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
     return LlamaForCausalLM(config)
 
@@ -63,8 +72,10 @@ def make_dataset(kind: str, n: int = 32, seed: int = 0) -> Dataset:
         return Dataset.from_list([{"prompt": q + " Answer:", "completion": " " + a} for q, a in rows])
     if kind == "conversational_prompt_completion":
         return Dataset.from_list(
-            [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-             for q, a in rows]
+            [
+                {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+                for q, a in rows
+            ]
         )
     if kind == "messages":
         return Dataset.from_list(

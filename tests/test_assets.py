@@ -49,8 +49,12 @@ def test_converted_embedded_model_has_the_gguf_weights_and_a_plain_config():
     gguf = embedded_gguf_path()
     from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is the sky blue?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         expected, actual = from_gguf(**ids).logits, model.eval()(**ids).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
@@ -105,8 +109,9 @@ def test_build_atomically_leaves_nothing_behind_when_the_build_fails(tmp_path):
 def _fake_bigbench_sdist(path):
     with tarfile.open(path, "w:gz") as archive:
         for name, inner in datasets_module._BIGBENCH_FILES.items():
-            examples = [{"input": f"{name} question {i}?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2}}
-                        for i in range(10)]
+            examples = [
+                {"input": f"{name} question {i}?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2}} for i in range(10)
+            ]
             data = json.dumps({"examples": examples}).encode()
             info = tarfile.TarInfo(f"{datasets_module.BIGBENCH_FOLDER}/{inner}")
             info.size = len(data)

@@ -34,13 +34,16 @@ def saved(tmp_path_factory):
 def _run(code, **env):
     environment = {k: v for k, v in os.environ.items() if k != "PEFT_HEFT_NO_AUTOLOAD"}
     environment.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env=environment, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT
+    )
 
 
 def test_without_import_or_autoload_peft_fails_on_the_unknown_type(saved):
-    out = _run("import sys; sys.modules.pop('_peft_heft_autoload', None)\n" + LOAD.format(base=saved[0], adapter=saved[1]),
-               PEFT_HEFT_NO_AUTOLOAD="1")
+    out = _run(
+        "import sys; sys.modules.pop('_peft_heft_autoload', None)\n" + LOAD.format(base=saved[0], adapter=saved[1]),
+        PEFT_HEFT_NO_AUTOLOAD="1",
+    )
     assert out.returncode != 0
     assert "HEFT" in out.stderr  # PEFT's own KeyError: this is why the docs say `import peft_heft`
 
@@ -58,8 +61,23 @@ def test_explicit_import_works(saved):
 
 
 def test_wheel_ships_the_pth_at_site_packages_root(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          str(ROOT), "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     wheel = next(tmp_path.glob("peft_heft-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

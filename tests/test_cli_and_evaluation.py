@@ -37,13 +37,32 @@ def test_heft_sft_cli_trains_evaluates_and_saves_from_yaml_and_flags(tmp_path, l
     data = write_jsonl(tmp_path / "train.jsonl", make_dataset("prompt_completion", 48))
     out = tmp_path / "run"
     config = {
-        "model_name_or_path": str(local_model), "dataset_name": str(data), "output_dir": str(out),
-        "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"], "lora_task_type": "CAUSAL_LM",
-        "intervention_layers": [0, 1], "intervention_rank": 2, "intervention_positions": "f2+l2",
-        "lora_max_steps": 20, "reft_max_steps": 20, "lora_learning_rate": 2e-2, "reft_learning_rate": 2e-2,
-        "per_device_train_batch_size": 8, "use_cpu": True, "bf16": False, "report_to": "none",
-        "save_strategy": "no", "eval_strategy": "no", "eval_split_size": 16, "eval_accuracy": True,
-        "answer_choices": "yes,no", "max_new_tokens": 2, "disable_tqdm": True, "max_length": 64,
+        "model_name_or_path": str(local_model),
+        "dataset_name": str(data),
+        "output_dir": str(out),
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "lora_task_type": "CAUSAL_LM",
+        "intervention_layers": [0, 1],
+        "intervention_rank": 2,
+        "intervention_positions": "f2+l2",
+        "lora_max_steps": 20,
+        "reft_max_steps": 20,
+        "lora_learning_rate": 2e-2,
+        "reft_learning_rate": 2e-2,
+        "per_device_train_batch_size": 8,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "eval_split_size": 16,
+        "eval_accuracy": True,
+        "answer_choices": "yes,no",
+        "max_new_tokens": 2,
+        "disable_tqdm": True,
+        "max_length": 64,
         "gradient_checkpointing": False,
     }
     config_path = tmp_path / "heft.yaml"
@@ -70,11 +89,37 @@ def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
     script = os.path.join(os.path.dirname(sys.executable), "heft-sft")
     data = write_jsonl(tmp_path / "train.jsonl", make_dataset("messages", 16))
     proc = subprocess.run(
-        [script, "--model_name_or_path", str(local_model), "--dataset_name", str(data), "--output_dir",
-         str(tmp_path / "o"), "--use_cpu", "--bf16", "false", "--report_to", "none", "--lora_max_steps", "2",
-         "--reft_max_steps", "2", "--lora_target_modules", "q_proj", "--lora_task_type", "CAUSAL_LM",
-         "--save_strategy", "no", "--intervention_layers", "1", "--disable_tqdm", "true"],
-        capture_output=True, text=True, timeout=600,
+        [
+            script,
+            "--model_name_or_path",
+            str(local_model),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
+            "--lora_max_steps",
+            "2",
+            "--reft_max_steps",
+            "2",
+            "--lora_target_modules",
+            "q_proj",
+            "--lora_task_type",
+            "CAUSAL_LM",
+            "--save_strategy",
+            "no",
+            "--intervention_layers",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
@@ -85,13 +130,33 @@ def test_heft_sft_console_script_help_and_bad_input(tmp_path):
     assert os.path.exists(script), "heft-sft console script is not installed (pip install -e .)"
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
-    for option in ("--stage_order", "--lora_num_train_epochs", "--reft_learning_rate", "--intervention_positions",
-                   "--lora_target_modules", "--dataset_name", "--config", "--eval_accuracy"):
+    for option in (
+        "--stage_order",
+        "--lora_num_train_epochs",
+        "--reft_learning_rate",
+        "--intervention_positions",
+        "--lora_target_modules",
+        "--dataset_name",
+        "--config",
+        "--eval_accuracy",
+    ):
         assert option in proc.stdout
     with pytest.raises(ValueError, match="no 'test' split"):
-        main(["--model_name_or_path", "x", "--dataset_name", str(write_jsonl(tmp_path / "d.jsonl", make_dataset(
-            "text", 4))), "--output_dir", str(tmp_path / "o"), "--use_cpu", "--bf16", "false", "--eval_strategy",
-              "steps"])
+        main(
+            [
+                "--model_name_or_path",
+                "x",
+                "--dataset_name",
+                str(write_jsonl(tmp_path / "d.jsonl", make_dataset("text", 4))),
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--use_cpu",
+                "--bf16",
+                "false",
+                "--eval_strategy",
+                "steps",
+            ]
+        )
     with pytest.raises(ValueError, match="intervention_layers"):
         parse_layers("2;4")
     assert parse_layers("all") == "all" and parse_layers("3") == 3 and parse_layers("2, 4,-1") == [2, 4, -1]

@@ -31,8 +31,16 @@ def test_second_import_in_fresh_interpreter_is_harmless():
 
 
 def test_config_keeps_every_lora_option_and_sets_peft_type():
-    config = HeftConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj"], use_rslora=True,
-                        use_dora=True, layers_to_transform=[0, 1], modules_to_save=["lm_head"])
+    config = HeftConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        target_modules=["q_proj"],
+        use_rslora=True,
+        use_dora=True,
+        layers_to_transform=[0, 1],
+        modules_to_save=["lm_head"],
+    )
     assert config.peft_type == PeftType.HEFT
     assert isinstance(config, LoraConfig)
     assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (16, 32, True, True)
@@ -40,14 +48,28 @@ def test_config_keeps_every_lora_option_and_sets_peft_type():
 
 
 def test_config_roundtrip_through_json(tmp_path):
-    config = HeftConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], intervention_layers=[0, -1],
-                        intervention_type="noreft", intervention_rank=3, intervention_positions="f5+l2",
-                        share_intervention_weights=True, intervention_dropout=0.05)
+    config = HeftConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj"],
+        intervention_layers=[0, -1],
+        intervention_type="noreft",
+        intervention_rank=3,
+        intervention_positions="f5+l2",
+        share_intervention_weights=True,
+        intervention_dropout=0.05,
+    )
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "HEFT"
-    for key in ("intervention_layers", "intervention_type", "intervention_rank", "intervention_positions",
-                "intervention_component", "share_intervention_weights", "intervention_dropout"):
+    for key in (
+        "intervention_layers",
+        "intervention_type",
+        "intervention_rank",
+        "intervention_positions",
+        "intervention_component",
+        "share_intervention_weights",
+        "intervention_dropout",
+    ):
         assert key in saved
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, HeftConfig)

@@ -37,7 +37,10 @@ def test_docstring_has_args_and_example(dotted):
     doc = inspect.getdoc(obj) or ""
     assert "Example" in doc, f"{dotted}: no Example section"
     target = obj.__init__ if inspect.isclass(obj) else obj
-    params = [p for p in inspect.signature(target).parameters.values()
-              if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(target).parameters.values()
+        if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     if params and not (inspect.isclass(obj) and obj.__init__ is object.__init__):
         assert "Args" in doc, f"{dotted}: takes {[p.name for p in params]} but has no Args section"

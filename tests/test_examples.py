@@ -13,7 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_example(name, *args, tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, os.path.join(ROOT, "examples", name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -29,6 +32,13 @@ def test_sft_staged_example_trains_both_stages_and_reloads(tmp_path):
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_plain_pytorch_example_trains_and_reloads_exactly(tmp_path):
+    out = run_example("plain_pytorch.py", "--fast", tmp_path=tmp_path)
+    diff = float(re.search(r"max \|logits difference\| = ([0-9.e+-]+)", out)[1])
+    assert diff <= 1e-4 and (tmp_path / "out" / "heft-plain-pytorch" / "adapter_model.safetensors").is_file()
+    assert re.search(r"after ReFT\s+\d+\.\d%", out), out[-2000:]
+
+
 def skip_without_embedded_assets():
     from peft_heft.assets import embedded_gguf_path
     from peft_heft.assets.cache import package_dir
@@ -40,8 +50,11 @@ def skip_without_embedded_assets():
 def test_smollm2_demo_fast_mode_trains_evaluates_and_reloads(tmp_path):
     skip_without_embedded_assets()
     out = run_example("demo.py", "--fast", "--output_dir", str(tmp_path / "run"), tmp_path=tmp_path)
-    found = re.findall(r"\[(zero-shot|after lora stage|after reft stage|reloaded adapter)\] accuracy ([0-9.]+) "
-                       r"\(\d+/16,", out)
+    found = re.findall(
+        r"\[(zero-shot|after lora stage|after reft stage|reloaded adapter)\] accuracy ([0-9.]+) "
+        r"\(\d+/16,",
+        out,
+    )
     accuracies = dict(found)
     assert set(accuracies) == {"zero-shot", "after lora stage", "after reft stage", "reloaded adapter"}, out[-3000:]
     assert accuracies["reloaded adapter"] == accuracies["after reft stage"]
@@ -79,9 +92,25 @@ def test_cli_yaml_example_runs_with_overrides(tmp_path):
     if not os.path.exists(cli):
         pytest.skip("the heft-sft console script is not installed (`pip install -e .`)")
     proc = subprocess.run(
-        [cli, "--config", os.path.join(ROOT, "examples", "heft_sft.yaml"), "--output_dir", str(tmp_path / "run"),
-         "--lora_max_steps", "2", "--reft_max_steps", "2", "--max_train_samples", "16", "--eval_max_samples", "16"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            cli,
+            "--config",
+            os.path.join(ROOT, "examples", "heft_sft.yaml"),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--lora_max_steps",
+            "2",
+            "--reft_max_steps",
+            "2",
+            "--max_train_samples",
+            "16",
+            "--eval_max_samples",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "heft_results.json").read_text())
@@ -95,10 +124,30 @@ def test_accelerate_two_process_example(tmp_path):
     if not os.path.exists(launcher):
         pytest.skip("accelerate CLI not installed")
     proc = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "29563",
-         os.path.join(ROOT, "examples", "accelerate_two_processes.py"), "--fast", "--output_dir", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29563",
+            os.path.join(ROOT, "examples", "accelerate_two_processes.py"),
+            "--fast",
+            "--output_dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world size 2" in proc.stdout and "adapters identical on every rank: True" in proc.stdout

@@ -50,8 +50,9 @@ def test_get_peft_model_builds_lora_layers_and_interventions():
 def test_lora_stage_equals_plain_peft_lora_and_reft_stage_changes_output():
     base = tiny_llama()
     heft = get_peft_model(clone(base), heft_config()).eval()
-    lora = get_peft_model(clone(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False)).eval()
+    lora = get_peft_model(
+        clone(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
     lora.load_state_dict({k: v for k, v in heft.state_dict().items() if "heft_interventions" not in k}, strict=False)
     ids, mask, _ = left_padded_batch()
     out_heft = heft(input_ids=ids, attention_mask=mask).logits
@@ -70,6 +71,7 @@ def _hand_computed_logits(model, ids, mask, positions_per_row):
     modules = tuner.heft_interventions["default"]
     handles = []
     for layer in (1, 3):
+
         def hook(mod, args, out, layer=layer):
             out = out.clone()
             for row, (firsts, lasts) in enumerate(positions_per_row):
@@ -81,6 +83,7 @@ def _hand_computed_logits(model, ids, mask, positions_per_row):
                         h = out[row, p]
                         out[row, p] = h + R.T @ (W @ h + b - R @ h)
             return out
+
         handles.append(decoder_layers[layer].register_forward_hook(hook))
     tuner.set_stage("lora")
     try:
@@ -128,7 +131,9 @@ def test_explicit_locations_override_the_mask():
     with torch.no_grad():
         derived = model(input_ids=ids, attention_mask=mask).logits
         explicit = model(input_ids=ids, attention_mask=mask, intervention_locations=locs).logits
-        other = model(input_ids=ids, attention_mask=mask, intervention_locations=torch.tensor([[[2, 3], [4, -1]]] * 3)).logits
+        other = model(
+            input_ids=ids, attention_mask=mask, intervention_locations=torch.tensor([[[2, 3], [4, -1]]] * 3)
+        ).logits
     torch.testing.assert_close(derived, explicit)
     assert (other - derived).abs().max() > 1e-4
     with pytest.raises(ValueError, match="has 8 tokens"):
@@ -215,9 +220,10 @@ def test_generation_cache_vs_no_cache_and_batched_vs_single():
         assert torch.equal(cached, uncached)
         width = ids.shape[1]
         for i, row in enumerate(rows):
-            single = model.generate(input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long),
-                                    **kwargs)
-            assert torch.equal(single[0, len(row):], cached[i, width:])
+            single = model.generate(
+                input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), **kwargs
+            )
+            assert torch.equal(single[0, len(row) :], cached[i, width:])
         # the interventions matter for what is generated (otherwise the checks above prove nothing)
         model.base_model.set_stage("lora")
         plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -229,8 +235,15 @@ def test_generation_intervenes_on_prompt_only():
     model = reft_model()
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         forward = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(out.logits[0], forward, atol=1e-5, rtol=1e-5)
 
@@ -239,12 +252,19 @@ def test_beam_search_and_multiple_return_sequences_run_with_repeated_locations()
     model = reft_model()
     ids, mask, _ = left_padded_batch()
     with torch.no_grad():
-        beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2,
-                               num_return_sequences=2, do_sample=False, pad_token_id=0)
-        greedy2 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                                 pad_token_id=0)
-        greedy1 = model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False,
-                                 pad_token_id=0)
+        beams = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=3,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        greedy2 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        greedy1 = model.generate(
+            input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
     assert beams.shape[0] == 6
     assert torch.equal(greedy1[0], greedy2[0])
 
@@ -358,8 +378,9 @@ def test_architectures_train_and_generate(arch):
     model.eval()
     with torch.no_grad():
         a = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        b = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                           use_cache=False)
+        b = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
+        )
     assert torch.equal(a, b)
 
 

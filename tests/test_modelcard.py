@@ -39,13 +39,27 @@ def test_trainer_card_has_loading_code_schedule_data_and_metrics(tmp_path):
     warnings.filterwarnings("ignore", category=FutureWarning)
     tokenizer = tiny_tokenizer()
     args = HeftSFTConfig(
-        output_dir=str(tmp_path), lora_max_steps=2, reft_max_steps=3, lora_learning_rate=1e-3,
-        reft_learning_rate=5e-3, per_device_train_batch_size=8, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, disable_tqdm=True, hub_model_id="someone/heft-tiny",
+        output_dir=str(tmp_path),
+        lora_max_steps=2,
+        reft_max_steps=3,
+        lora_learning_rate=1e-3,
+        reft_learning_rate=5e-3,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        hub_model_id="someone/heft-tiny",
     )
-    trainer = StagedSFTTrainer(model=tiny_sft_model(), args=args, processing_class=tokenizer,
-                               train_dataset=make_dataset("prompt_completion", 16),
-                               peft_config=heft_config(intervention_layers=[0, 1]))
+    trainer = StagedSFTTrainer(
+        model=tiny_sft_model(),
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=make_dataset("prompt_completion", 16),
+        peft_config=heft_config(intervention_layers=[0, 1]),
+    )
     trainer.train()
     (tmp_path / "README.md").unlink(missing_ok=True)
     trainer.create_model_card(dataset_name="someone/yes-no", tags=["demo"])
@@ -63,11 +77,24 @@ def test_trainer_card_has_loading_code_schedule_data_and_metrics(tmp_path):
 
 def test_trainer_save_model_keeps_an_existing_card(tmp_path):
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = HeftSFTConfig(output_dir=str(tmp_path), lora_max_steps=1, reft_max_steps=1, save_strategy="no",
-                         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True)
-    trainer = StagedSFTTrainer(model=tiny_sft_model(), args=args, processing_class=tiny_tokenizer(),
-                               train_dataset=make_dataset("prompt_completion", 8),
-                               peft_config=heft_config(intervention_layers=[0, 1]))
+    args = HeftSFTConfig(
+        output_dir=str(tmp_path),
+        lora_max_steps=1,
+        reft_max_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = StagedSFTTrainer(
+        model=tiny_sft_model(),
+        args=args,
+        processing_class=tiny_tokenizer(),
+        train_dataset=make_dataset("prompt_completion", 8),
+        peft_config=heft_config(intervention_layers=[0, 1]),
+    )
     trainer.train()
     (tmp_path / "README.md").write_text("# Mine\n\nKeep this line.\n")
     trainer.save_model()

@@ -29,7 +29,7 @@ def test_locations_follow_real_tokens_for_both_padding_sides(padding, spec):
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, n in enumerate(lengths):
         if padding == "left":
-            mask[i, width - n:] = 1
+            mask[i, width - n :] = 1
         else:
             mask[i, :n] = 1
     parsed = PositionSpec.parse(spec)

@@ -95,8 +95,15 @@ def _closed_form(kind: str, module: torch.nn.Module, h: torch.Tensor, act=lambda
 def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
@@ -228,15 +235,22 @@ def _reft_pair(positions: str, share: bool, layers: list[int], r: int = 4):
         _randomize(module, seed=200 + i)
 
     config = peft_heft.HeftConfig(
-        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], intervention_layers=layers,
-        intervention_rank=r, intervention_positions=positions, share_intervention_weights=share,
+        task_type="CAUSAL_LM",
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=layers,
+        intervention_rank=r,
+        intervention_positions=positions,
+        share_intervention_weights=share,
     )
     model = peft.get_peft_model(heft_base, config)
     model.base_model.set_stage("reft")
     ours = model.base_model.heft_interventions["default"]
-    keys = [f"layer{layer}" for layer in resolved] if groups == 1 else [
-        f"layer{layer}_{side}" for layer in resolved for side in ("first", "last")
-    ]
+    keys = (
+        [f"layer{layer}" for layer in resolved]
+        if groups == 1
+        else [f"layer{layer}_{side}" for layer in resolved for side in ("first", "last")]
+    )
     assert sorted(ours.keys()) == sorted(keys)
     for key, module in zip(keys, theirs, strict=True):
         _copy_weights(ours[key], module)
@@ -288,8 +302,8 @@ def test_end_to_end_left_padding_matches_pyreft():
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, 97, (n,), generator=g)
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.randint(3, 97, (n,), generator=g)
+        mask[i, width - n :] = 1
     locs = compute_locations(PositionSpec.parse(positions), mask, len(lengths), width, share)
     assert (locs >= 0).all()  # every row is long enough: no unused slot
     for i, n in enumerate(lengths):  # the first two and last two real tokens
@@ -318,8 +332,13 @@ def test_registered_pyreft_intervention_trains_and_generates(pyreft_loreft_regis
     base = tiny_llama(seed=1, layers=2)
     reference = copy.deepcopy(base)  # LoRA starts at B = 0: only the interventions change the output
     config = peft_heft.HeftConfig(
-        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], intervention_layers=[0, 1],
-        intervention_rank=4, intervention_positions="f2+l2", intervention_type=pyreft_loreft_registered,
+        task_type="CAUSAL_LM",
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=4,
+        intervention_positions="f2+l2",
+        intervention_type=pyreft_loreft_registered,
     )
     model = peft.get_peft_model(base, config)
     modules = model.base_model.heft_interventions["default"]
@@ -357,8 +376,12 @@ def test_registered_pyreft_intervention_trains_and_generates(pyreft_loreft_regis
 @pytest.mark.parametrize("stage", ["reft", "frozen"])
 def test_disable_adapter_keeps_stage_trainability(stage):
     config = peft_heft.HeftConfig(
-        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], intervention_layers=[0, 1],
-        intervention_rank=4, intervention_positions="f2+l2",
+        task_type="CAUSAL_LM",
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=4,
+        intervention_positions="f2+l2",
     )
     model = peft.get_peft_model(tiny_llama(seed=1, layers=2), config)
     model.base_model.set_stage(stage)

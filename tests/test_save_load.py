@@ -46,7 +46,8 @@ def test_save_writes_config_and_safetensors_only(tmp_path):
     reft_keys = sorted(k for k in weights if "heft_interventions" in k)
     assert reft_keys == sorted(
         f"base_model.heft_interventions.layer{layer}_{side}.{param}"
-        for layer in (1, 3) for side in ("first", "last")
+        for layer in (1, 3)
+        for side in ("first", "last")
         for param in ("learned_source.weight", "learned_source.bias", "rotate_layer.parametrizations.weight.original")
     )
     assert any(".lora_A.weight" in k for k in weights)

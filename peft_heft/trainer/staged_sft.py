@@ -165,7 +165,9 @@ class StagedSFTTrainer(SFTTrainer):
         if isinstance(dataset, Dataset):
             map_kwargs["desc"] = f"Fitting prompt lengths of {dataset_name} dataset to truncation"
         return dataset.map(
-            truncate_prompt_length_fn, fn_kwargs={"keep_end": keep_end}, remove_columns=[FULL_LENGTH_COLUMN],
+            truncate_prompt_length_fn,
+            fn_kwargs={"keep_end": keep_end},
+            remove_columns=[FULL_LENGTH_COLUMN],
             **map_kwargs,
         )
 
@@ -220,8 +222,9 @@ class StagedSFTTrainer(SFTTrainer):
         total_start = time.time()
         try:
             for index in range(start, len(stages)):
-                self._train_stage(index, stages[index], checkpoint if index == start else None, trial,
-                                  ignore_keys_for_eval, **kwargs)
+                self._train_stage(
+                    index, stages[index], checkpoint if index == start else None, trial, ignore_keys_for_eval, **kwargs
+                )
         finally:
             self._stage_index = self._stage_name = None
         self.state.log_history = list(self.stage_log_history)
@@ -299,8 +302,14 @@ class StagedSFTTrainer(SFTTrainer):
             handler = getattr(callback, event, None)
             if callable(handler):
                 handler(
-                    self.args, self.state, self.control, stage=self._stage_name, stage_index=self._stage_index,
-                    num_stages=len(self.args.stage_order), model=self.model, **kwargs,
+                    self.args,
+                    self.state,
+                    self.control,
+                    stage=self._stage_name,
+                    stage_index=self._stage_index,
+                    num_stages=len(self.args.stage_order),
+                    model=self.model,
+                    **kwargs,
                 )
 
     def _last_eval_logs(self) -> dict[str, Any]:
@@ -405,7 +414,6 @@ class StagedSFTTrainer(SFTTrainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
@@ -418,8 +426,13 @@ class StagedSFTTrainer(SFTTrainer):
         model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        text = re.sub(r"## Quick start\n.*?(?=\n## )", lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
-                      text, count=1, flags=re.DOTALL)
+        text = re.sub(
+            r"## Quick start\n.*?(?=\n## )",
+            lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
+            text,
+            count=1,
+            flags=re.DOTALL,
+        )
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
         config = self.model.peft_config[self.model.active_adapter]
@@ -433,9 +446,15 @@ class StagedSFTTrainer(SFTTrainer):
                 "learning_rate": options["learning_rate"],
                 "steps trained": steps if steps is not None else "-",
             }
-        update_model_card(self.args.output_dir, config, model_id=model_id, training=training,
-                          dataset_name=dataset_name, metrics=self._card_metrics(),
-                          tags=[tags] if isinstance(tags, str) else list(tags or []))
+        update_model_card(
+            self.args.output_dir,
+            config,
+            model_id=model_id,
+            training=training,
+            dataset_name=dataset_name,
+            metrics=self._card_metrics(),
+            tags=[tags] if isinstance(tags, str) else list(tags or []),
+        )
 
     def _card_metrics(self) -> dict:
         metrics = {}
