@@ -85,6 +85,9 @@ class StagedSFTTrainer(SFTTrainer):
     ```
     """
 
+    # narrower than Trainer's annotations: args is always a HeftSFTConfig, model a HEFT PeftModel (or its wrapper)
+    args: HeftSFTConfig
+    model: Any
     _tag_names = ["trl", "sft", "peft-heft", "heft"]
     _name = "HEFT SFT"
 
