@@ -92,7 +92,7 @@ class HeftConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PeftType.HEFT
+        self.peft_type = PeftType.HEFT  # type: ignore[attr-defined]  # member added at import by registration.py
 
         layers = self.intervention_layers
         if isinstance(layers, str):

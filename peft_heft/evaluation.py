@@ -167,8 +167,8 @@ def evaluate_generation_accuracy(
     rows = list(dataset) if max_samples is None else [dataset[i] for i in range(min(max_samples, len(dataset)))]
     if not rows:
         raise ValueError("The evaluation dataset is empty.")
-    prompts, references = zip(*(split_prompt_and_answer(row) for row in rows), strict=True)
-    references = [normalize_reference(r, tokenizer.eos_token) for r in references]
+    prompts, raw_references = zip(*(split_prompt_and_answer(row) for row in rows), strict=True)
+    references = [normalize_reference(r, tokenizer.eos_token) for r in raw_references]
     if choices:
         unknown = sorted({r for r in references if r not in {c.strip().lower() for c in choices}})
         if unknown:

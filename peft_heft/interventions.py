@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from typing import cast
 
 import torch
 
@@ -92,7 +93,7 @@ class LoreftIntervention(_ReftBase):
         self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
-        rotation = self.rotate_layer.weight  # one Householder product per call
+        rotation = cast(torch.Tensor, self.rotate_layer.weight)  # one Householder product per call
         x = base.to(rotation.dtype)
         output = x + torch.matmul(self.act_fn(self.learned_source(x)) - torch.matmul(x, rotation), rotation.T)
         return self.dropout(output.to(base.dtype))
@@ -146,7 +147,7 @@ class DireftIntervention(_ReftBase):
         self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
-        rotation = self.rotate_layer.weight
+        rotation = cast(torch.Tensor, self.rotate_layer.weight)
         x = base.to(rotation.dtype)
         output = x + torch.matmul(self.act_fn(self.learned_source(x)), rotation.T)
         return self.dropout(output.to(base.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora import LoraModel
@@ -165,7 +165,7 @@ class HeftModel(LoraModel):
         _, decoder_layers = find_decoder_layers(self.model)
         wanted = set()
         for name in self.heft_interventions:
-            config = self.peft_config[name]
+            config = cast(HeftConfig, self.peft_config[name])
             wanted.update(resolve_layers(config.intervention_layers, len(decoder_layers)))
         for layer in sorted(wanted - set(self._layer_hooks)):
             # functools.partial of a bound method: survives copy.deepcopy pointing at the copy, unlike a closure
@@ -196,7 +196,7 @@ class HeftModel(LoraModel):
             for adapter in self.active_adapters:
                 if adapter not in self.heft_interventions:
                     continue
-                config = self.peft_config[adapter]
+                config = cast(HeftConfig, self.peft_config[adapter])
                 groups = config.num_position_groups
                 key = (config.position_spec, config.share_intervention_weights)
                 for layer in resolve_layers(config.intervention_layers, self._num_layers):

@@ -123,6 +123,7 @@ def compute_locations(
     firsts = side(spec.first, first_n, torch.zeros_like(n_real)) if spec.first else None
     lasts = side(spec.last, last_n, n_real - last_n) if spec.last else None
     if firsts is None:
+        assert lasts is not None  # parse() refuses a spec with neither side
         return lasts.unsqueeze(1)
     if lasts is None:
         return firsts.unsqueeze(1)

@@ -106,6 +106,8 @@ def _extract_from_sdist(archive: str | Path, folder: Path) -> None:
     with tarfile.open(archive) as sdist:
         for name, inner in _BIGBENCH_FILES.items():
             data = sdist.extractfile(sdist.getmember(f"{BIGBENCH_FOLDER}/{inner}"))
+            if data is None:
+                raise ValueError(f"{archive}: {inner} is not a regular file; is this the bigbench-1.0.0 archive?")
             (folder / f"{name}.json").write_bytes(data.read())
 
 

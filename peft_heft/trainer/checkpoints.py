@@ -62,7 +62,7 @@ def read_marker(checkpoint: str) -> dict | None:
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, int, str]]:
     """``(stage_index, step, path)`` of every complete staged checkpoint under ``output_dir``, oldest written first."""
-    found = []
+    found: list[tuple[int, int, str]] = []
     if not os.path.isdir(output_dir):
         return found
     for stage_name in os.listdir(output_dir):

@@ -81,7 +81,9 @@ class DataCollatorForHeft:
         ).unsqueeze(1)
         prompt_mask = real & (rank <= limits)
         batch, seq_len = attention_mask.shape
-        return compute_locations(self.position_spec, prompt_mask.long(), batch, seq_len, self.share_weights)
+        spec = self.position_spec
+        assert isinstance(spec, PositionSpec)  # parsed in __post_init__
+        return compute_locations(spec, prompt_mask.long(), batch, seq_len, self.share_weights)
 
 
 def _move_padding_left(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
