@@ -124,3 +124,28 @@ def randomize_interventions(model, scale: float = 0.5, seed: int = 3) -> None:
             if "rotate_layer" in name:
                 continue
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def launch_two_cpu_processes(script, *script_args, port, timeout=600, cwd=None):
+    """Run ``script`` in 2 processes with ``accelerate launch``; skips the test when the CLI is missing.
+
+    accelerate's ``--cpu`` multi-process path needs mpirun; ``--multi_gpu`` starts the 2 processes with torchrun and,
+    without CUDA (the scripts train with ``use_cpu=True``), they join a gloo process group.
+    """
+    import os
+    import subprocess
+    import sys
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    if not os.path.exists(launcher):
+        pytest.skip("accelerate CLI not installed")
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return subprocess.run(
+        [*command, str(script), *map(str, script_args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PEFT_HEFT_NO_AUTOLOAD": "0"},
+    )

@@ -15,9 +15,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore")
 
-from sft_fixtures import make_dataset, tiny_sft_model, tiny_tokenizer  # noqa: E402
+from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer  # noqa: E402
 
-from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
+from peft_heft import HeftCallback, HeftConfig, StagedSFTTrainer  # noqa: E402
 
 
 def adapter_vector(model, kind):
@@ -51,22 +51,8 @@ class CheckRanks(HeftCallback):
 
 
 def main(output_dir):
-    args = HeftSFTConfig(
-        output_dir=output_dir,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        lora_max_steps=5,
-        reft_max_steps=5,
-        lora_learning_rate=1e-2,
-        reft_learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        max_length=64,
-        disable_tqdm=True,
-        seed=0,
-        gradient_checkpointing=True,
+    args = cpu_sft_args(
+        output_dir, per_device_train_batch_size=4, lora_max_steps=5, reft_max_steps=5, gradient_checkpointing=True
     )
     config = HeftConfig(
         task_type="CAUSAL_LM",

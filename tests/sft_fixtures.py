@@ -84,3 +84,29 @@ def make_dataset(kind: str, n: int = 32, seed: int = 0) -> Dataset:
     if kind == "text":
         return Dataset.from_list([{"text": f"{q} Answer: {a}"} for q, a in rows])
     raise ValueError(kind)
+
+
+def cpu_sft_args(output_dir: str, **overrides):
+    """HeftSFTConfig for quick CPU trainer tests: 6 steps per stage, lr 1e-2, logging every step, no saving."""
+    from peft_heft import HeftSFTConfig
+
+    kwargs = dict(
+        output_dir=output_dir,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        lora_max_steps=6,
+        reft_max_steps=6,
+        lora_learning_rate=1e-2,
+        reft_learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        max_length=64,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return HeftSFTConfig(**kwargs)

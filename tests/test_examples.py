@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_two_cpu_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,34 +121,9 @@ def test_cli_yaml_example_runs_with_overrides(tmp_path):
 
 def test_accelerate_two_process_example(tmp_path):
     skip_without_embedded_assets()
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    if not os.path.exists(launcher):
-        pytest.skip("accelerate CLI not installed")
-    proc = subprocess.run(
-        [
-            launcher,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29563",
-            os.path.join(ROOT, "examples", "accelerate_two_processes.py"),
-            "--fast",
-            "--output_dir",
-            str(tmp_path / "r"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    script = os.path.join(ROOT, "examples", "accelerate_two_processes.py")
+    proc = launch_two_cpu_processes(
+        script, "--fast", "--output_dir", tmp_path / "r", port=29563, timeout=900, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world size 2" in proc.stdout and "adapters identical on every rank: True" in proc.stdout

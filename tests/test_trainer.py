@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from sft_fixtures import make_dataset, tiny_sft_model, tiny_tokenizer
+from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, complete_checkpoints
@@ -18,26 +18,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def sft_args(tmp_path, **overrides) -> HeftSFTConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=8,
-        lora_max_steps=6,
-        reft_max_steps=6,
-        lora_learning_rate=1e-2,
-        reft_learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        max_length=64,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return HeftSFTConfig(**kwargs)
+    return cpu_sft_args(str(tmp_path / "out"), **overrides)
 
 
 def peft_config(**overrides) -> HeftConfig:

@@ -2,47 +2,13 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
-import pytest
+from conftest import launch_two_cpu_processes
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
 def test_two_process_ddp_trains_both_stages_identically_on_every_rank(tmp_path):
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     script = os.path.join(os.path.dirname(__file__), "ddp_staged_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PEFT_HEFT_NO_AUTOLOAD": "0"}
-    proc = subprocess.run(
-        # accelerate's --cpu multi-process path needs mpirun; --multi_gpu starts the 2 processes with torchrun, and
-        # without CUDA (the script sets use_cpu=True) they join a gloo process group
-        [
-            launcher,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29561",
-            script,
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = launch_two_cpu_processes(script, tmp_path, port=29561)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["backend"] == "gloo" and results["global_step"] == 10
