@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -49,7 +50,8 @@ def _cli_field(f: dataclasses.Field) -> tuple:
     return f.name, f.type, field(default=f.default, metadata=dict(f.metadata))
 
 
-HeftInterventionArguments = dataclasses.make_dataclass(
+# Built from HeftConfig's fields so the two cannot drift; Any because type checkers cannot see a dynamic dataclass.
+HeftInterventionArguments: Any = dataclasses.make_dataclass(
     "HeftInterventionArguments",
     [_cli_field(f) for f in _INTERVENTION_FIELDS],
     namespace={"__doc__": "HeftConfig's intervention options (LoRA options come from TRL's ModelConfig)."},
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 def train_from_args(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` like ``heft-sft`` and run; returns the results written to ``heft_results.json``."""
     parser = TrlParser(
-        (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments),
+        # transformers annotates these as DataClassType, a NewType no plain dataclass matches
+        (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments),  # type: ignore[arg-type]
         prog="heft-sft",
         description=(
             "Train a HEFT adapter (LoRA stage, then ReFT stage) with StagedSFTTrainer. Every option below can also be "

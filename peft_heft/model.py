@@ -94,10 +94,15 @@ class HeftModel(LoraModel):
         object.__setattr__(self, "_heft_ready", True)
 
     def inject_adapter(
-        self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
-    ):
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self._ensure_heft_state()
-        config: HeftConfig = self.peft_config[adapter_name]
+        config = self.peft_config[adapter_name]
         if not isinstance(config, HeftConfig):
             raise TypeError(f"HeftModel needs a HeftConfig, got {type(config).__name__} for adapter {adapter_name!r}.")
         hidden_size, num_layers = model_dimensions(model)
@@ -226,7 +231,8 @@ class HeftModel(LoraModel):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             mask = None  # a custom 4D mask: we cannot read padding from it
-        absolute = self._pinned_locations(batch) if self._pinned is not None else None
+        pinned = self._pinned
+        absolute = self._pinned_locations(pinned, batch) if pinned is not None else None
         if absolute is None:
             absolute = self._locations(batch, offset + seq_len, mask, explicit, shaped.device)
         located = {key: locate(locs, offset, seq_len, self._hidden_size) for key, locs in absolute.items()}
@@ -260,8 +266,8 @@ class HeftModel(LoraModel):
                     result[key] = compute_locations(spec, mask, batch, total_len, share, device)
         return result
 
-    def _pinned_locations(self, batch: int) -> dict[tuple, torch.Tensor]:
-        pinned = self._pinned
+    @staticmethod
+    def _pinned_locations(pinned: dict[tuple, torch.Tensor], batch: int) -> dict[tuple, torch.Tensor]:
         out = {}
         for key, locs in pinned.items():
             if locs.shape[0] != batch:

@@ -9,6 +9,7 @@ registers :class:`~peft_heft.HeftConfig` / :class:`~peft_heft.HeftModel` the off
 from __future__ import annotations
 
 import enum
+from typing import Any, cast
 
 from peft.utils.peft_types import PeftType
 
@@ -21,7 +22,8 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
     if existing is not None:
         return existing
     add_member = getattr(enum_cls, "_add_member_", None)  # Python >= 3.13
-    member = str.__new__(enum_cls, value)
+    # Built by hand the way EnumType builds members; typed Any because these are Enum internals.
+    member: Any = str.__new__(cast(Any, enum_cls), value)
     member._name_ = name
     member._value_ = value
     member.__objclass__ = enum_cls
@@ -58,7 +60,7 @@ def register_heft() -> None:
     from .config import HeftConfig
     from .model import HeftModel
 
-    member = _add_enum_member(PeftType, HEFT_NAME, HEFT_NAME)
+    member = cast(PeftType, _add_enum_member(PeftType, HEFT_NAME, HEFT_NAME))
     _add_model_card_section()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is HeftModel:
         return
@@ -91,9 +93,9 @@ def _add_model_card_section() -> None:
         if isinstance(config, HeftConfig):
             update_model_card(output_dir, config)
 
-    create_or_update_model_card._peft_heft_wrapped = True
+    create_or_update_model_card._peft_heft_wrapped = True  # type: ignore[attr-defined]  # idempotency marker
     create_or_update_model_card.__doc__ = original.__doc__
-    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.create_or_update_model_card = create_or_update_model_card  # type: ignore[method-assign]  # the wrap
 
     # `PeftModel.push_to_hub` is transformers' PushToHubMixin.push_to_hub: it saves into a temporary folder, then
     # overwrites README.md with the Hub's card (or a generic one) and uploads the folder. Add the HEFT section to
@@ -109,4 +111,4 @@ def _add_model_card_section() -> None:
             update_model_card(working_dir, config, model_id=repo_id)
         return upload(self, working_dir, repo_id, *args, **kwargs)
 
-    PeftModel._upload_modified_files = _upload_modified_files
+    PeftModel._upload_modified_files = _upload_modified_files  # type: ignore[method-assign]  # the wrap above

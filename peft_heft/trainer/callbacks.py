@@ -33,7 +33,7 @@ class HeftCallback(TrainerCallback):
 class StageProgressCallback(ProgressCallback, HeftCallback):
     """transformers' progress bar, titled with the running stage (``HEFT 1/2 lora``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.stage_label: str | None = None
 

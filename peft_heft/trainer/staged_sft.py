@@ -22,7 +22,7 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
 from ..config import HeftConfig
-from ..model import _find_heft_tuner
+from ..model import HeftModel, _find_heft_tuner
 from ..modelcard import loading_snippet, update_model_card
 from .callbacks import StageProgressCallback
 from .checkpoints import (
@@ -122,11 +122,12 @@ class StagedSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        self._heft = _find_heft_tuner(self.model)
-        if self._heft is None:
+        heft = _find_heft_tuner(self.model)
+        if heft is None:
             raise TypeError(
                 "StagedSFTTrainer trains HEFT adapters: pass peft_config=HeftConfig(...) or a model wrapped with one."
             )
+        self._heft: HeftModel = heft
         config = self.model.peft_config[self.model.active_adapter]
         self.data_collator = DataCollatorForHeft(
             self.data_collator,
@@ -198,6 +199,11 @@ class StagedSFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ stages
     @property
+    def _output_dir(self) -> str:
+        # TrainingArguments.__post_init__ replaces a missing output_dir with "trainer_output"; never None here
+        return str(self.args.output_dir)
+
+    @property
     def stage(self) -> str | None:
         """The stage being trained, or `None` outside `train()`."""
         return self._stage_name
@@ -215,7 +221,7 @@ class StagedSFTTrainer(SFTTrainer):
         if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "false"):
             resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"  # from the command line
         if resume_from_checkpoint not in (None, False):
-            checkpoint, marker = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, stages)
+            checkpoint, marker = resolve_resume_checkpoint(resume_from_checkpoint, self._output_dir, stages)
             start = int(marker["stage_index"])
             self._completed_stages = {k: dict(v) for k, v in marker.get("completed_stages", {}).items()}
             self.stage_log_history = list(marker.get("stage_log_history", []))
@@ -342,7 +348,7 @@ class StagedSFTTrainer(SFTTrainer):
         metrics["total_wall_time"] = runtime
         return TrainOutput(global_step=steps, training_loss=metrics["train_loss"], metrics=metrics)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
         if self._stage_name is not None:
             logs = {**logs, "stage": self._stage_name}
         super().log(logs, start_time)
@@ -350,7 +356,7 @@ class StagedSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
-        if self._stage_name is None:
+        if self._stage_index is None or self._stage_name is None:
             return run_dir
         return os.path.join(run_dir, stage_dir_name(self._stage_index, self._stage_name))
 
@@ -394,7 +400,7 @@ class StagedSFTTrainer(SFTTrainer):
         """
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        output_dir = output_dir if output_dir is not None else self._output_dir
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".heft-save-", dir=output_dir)
         try:
@@ -417,7 +423,7 @@ class StagedSFTTrainer(SFTTrainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def create_model_card(
+    def create_model_card(  # type: ignore[override]  # TRL's signature, which differs from Trainer's
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
         """TRL's model card, with TRL's quick start replaced by HEFT's loading code (which needs `import peft_heft`)
@@ -425,8 +431,8 @@ class StagedSFTTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        path = os.path.join(self.args.output_dir, "README.md")
-        model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
+        path = os.path.join(self._output_dir, "README.md")
+        model_id = self.hub_model_id or self.args.hub_model_id or self._output_dir
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         text = re.sub(
@@ -450,7 +456,7 @@ class StagedSFTTrainer(SFTTrainer):
                 "steps trained": steps if steps is not None else "-",
             }
         update_model_card(
-            self.args.output_dir,
+            self._output_dir,
             config,
             model_id=model_id,
             training=training,
