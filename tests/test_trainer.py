@@ -116,13 +116,40 @@ def test_joint_and_reversed_stage_orders(tmp_path):
     assert recorder.optimizer_sets["joint"] == both
     assert out.global_step == 3 and out.metrics["joint_train_steps"] == 3
 
-    recorder = Recorder()
+    class Logits(Recorder):
+        """Logits on one fixed batch when the ReFT stage ends and when the LoRA stage begins (LoRA still zero)."""
+
+        batch = {"input_ids": torch.arange(3, 11).view(1, 8), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+
+        def __init__(self):
+            super().__init__()
+            self.logits = {}
+
+        def _record(self, key, model):
+            with torch.no_grad():
+                self.logits[key] = model(**self.batch).logits
+
+        def on_stage_begin(self, args, state, control, stage=None, model=None, **kwargs):
+            super().on_stage_begin(args, state, control, stage=stage, model=model, **kwargs)
+            self._record((stage, "begin"), model)
+
+        def on_stage_end(self, args, state, control, stage=None, model=None, **kwargs):
+            super().on_stage_end(args, state, control, stage=stage, model=model, **kwargs)
+            self._record((stage, "end"), model)
+
+    recorder = Logits()
     trainer = make_trainer(tmp_path, callbacks=[recorder], args=sft_args(tmp_path, stage_order=["reft", "lora"]))
     trainer.train()
     assert [e[1] for e in recorder.events if e[0] == "begin"] == ["reft", "lora"]
     lora0, reft0, _ = recorder.snapshots[("lora", "begin")]
     lora1, reft1, _ = recorder.snapshots[("lora", "end")]
     assert changed(lora0, lora1) and not changed(reft0, reft1)
+    # The LoRA stage trains on top of the trained interventions: its starting model (LoRA B still zero) is exactly
+    # the model the ReFT stage ended with, not the base model without interventions.
+    torch.testing.assert_close(recorder.logits[("lora", "begin")], recorder.logits[("reft", "end")], rtol=0, atol=0)
+    with trainer.model.disable_adapter():
+        base = trainer.model(**Logits.batch).logits.detach()
+    assert (recorder.logits[("lora", "begin")] - base).abs().max() > 1e-3
 
 
 def test_loss_decreases_in_each_stage(tmp_path):

@@ -22,9 +22,9 @@ class HeftSFTConfig(SFTConfig):
 
     Args:
         stage_order (`list[str]`, *optional*, defaults to `["lora", "reft"]`):
-            Stages to run, in order. `"lora"` trains LoRA with interventions off, `"reft"` trains the interventions
-            on top of the frozen LoRA-adapted model, `"joint"` trains both at once. `["reft", "lora"]` and
-            `["joint"]` are the paper's ablations.
+            Stages to run, in order. `"lora"` trains LoRA with interventions off (on and frozen when it follows a
+            `"reft"` or `"joint"` stage), `"reft"` trains the interventions on top of the frozen LoRA-adapted model,
+            `"joint"` trains both at once. `["reft", "lora"]` and `["joint"]` are the paper's ablations.
         lora_num_train_epochs (`float`, *optional*):
             Epochs of the lora stage. Falls back to `num_train_epochs`.
         reft_num_train_epochs (`float`, *optional*):

@@ -294,7 +294,12 @@ class StagedSFTTrainer(SFTTrainer):
             self.model.unmerge_adapter()
         elif not trains_lora and self.args.merge_lora_before_reft and not merged:
             self.model.merge_adapter()
-        self._heft.set_stage(stage)
+        # A LoRA stage after a ReFT stage (the ReFT-then-LoRA ablation) trains on top of the trained interventions,
+        # as inference will apply them; a LoRA stage that comes first trains without them.
+        order = list(self.args.stage_order)
+        index = self._stage_index if self._stage_index is not None else order.index(stage)
+        after_reft = any(earlier in ("reft", "joint") for earlier in order[:index])
+        self._heft.set_stage(stage, apply_interventions=True if stage == "lora" and after_reft else None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
