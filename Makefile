@@ -5,6 +5,9 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 STAMP := $(VENV)/.stamp
+# On Linux without a GPU, PyPI's torch wheel is the CUDA build (several GB): take the +cpu build from PyTorch's index.
+TORCH_VERSION   ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv assets test test-slow demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
 
@@ -12,15 +15,18 @@ STAMP := $(VENV)/.stamp
 venv: $(STAMP)
 
 # torch goes in first, so that `pip install -e .` does not pull a CUDA build onto a machine without a GPU:
-# without nvidia-smi we ask for the pinned CPU-compatible version (our wheel index/find-links serve the +cpu wheel).
+# without nvidia-smi on Linux we ask for the +cpu build (PyTorch's CPU index, or a local find-links/mirror that has it).
 # pyreft is optional (comparison tests only); its declared deps are heavy, hence --no-deps, and
 # pyreft 0.0.7 imports `evaluate` at import time.
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "GPU found: installing the default torch build"; $(PIP) install torch; \
+	elif [ "$$(uname -s)" = Linux ]; then \
+		echo "no GPU (nvidia-smi not found): installing torch==$(TORCH_VERSION)+cpu"; \
+		$(PIP) install "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
 	else \
-		echo "no GPU (nvidia-smi not found): installing torch==2.13.0"; $(PIP) install torch==2.13.0; \
+		echo "no GPU, not Linux: PyPI's torch==$(TORCH_VERSION) is CPU-only here"; $(PIP) install torch==$(TORCH_VERSION); \
 	fi
 	$(PIP) install -e ".[dev]"
 	@# editable installs skip the wheel's .pth that registers HEFT when peft is imported: put it in place
@@ -56,7 +62,6 @@ format: venv
 	$(PY) -m ruff check --fix .
 
 typecheck: venv
-	$(PY) -m pip install --quiet mypy
 	$(PY) -m mypy peft_heft
 
 # The documentation site, warnings as errors (as tests/test_docs.py builds it).
