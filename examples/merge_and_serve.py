@@ -7,6 +7,10 @@ What it shows:
 3. greedy generation timed before and after merging (the merged model skips the LoRA branch);
 4. why `merge_and_unload()` is refused while interventions are applied (they act on hidden states, not weights).
 
+To serve: ship the base model and the adapter folder, and at start-up do what `main` below does
+(`PeftModel.from_pretrained`, then `merge_adapter()` in memory); a merged model with interventions cannot be saved as
+one checkpoint.
+
 Run: `.venv/bin/python examples/merge_and_serve.py --adapter out/heft-demo` (after `make demo`), or without
 `--adapter` to train a small one first (`--fast`: 2 steps per stage).
 """

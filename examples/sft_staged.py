@@ -9,7 +9,8 @@ What it shows, offline (nothing is downloaded):
 4. `trainer.save_model()` and reloading the adapter with `PeftModel.from_pretrained`, with the same accuracy.
 
 Run: `.venv/bin/python examples/sft_staged.py` (about a minute on 2 CPU cores; `--fast` for a few steps).
-The model is a tiny random Llama, so the point is the workflow; issue 5's demo uses SmolLM2 and real data.
+The model is a tiny random Llama, so the point is the workflow; `examples/demo.py` (`make demo`) uses SmolLM2 and
+real data.
 """
 
 from __future__ import annotations

