@@ -56,55 +56,35 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+# The Llama-like families share one small shape: 3 layers, hidden 32, 4 heads (2 KV heads where supported).
+_SMALL_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _small_decoder(config_cls, model_cls, seed: int, **extra):
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return model_cls(config_cls(**_SMALL_DECODER, **extra)).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    return _small_decoder(Qwen2Config, Qwen2ForCausalLM, seed, num_key_value_heads=2)
 
 
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        sliding_window=None,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return MistralForCausalLM(config).eval()
+    return _small_decoder(MistralConfig, MistralForCausalLM, seed, num_key_value_heads=2, sliding_window=None)
 
 
 def tiny_gpt_neox(seed: int = 0) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return _small_decoder(GPTNeoXConfig, GPTNeoXForCausalLM, seed)
 
 
 ARCHITECTURES = {
