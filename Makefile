@@ -15,7 +15,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 venv: $(STAMP)
 
 # torch goes in first, so that `pip install -e .` does not pull a CUDA build onto a machine without a GPU:
-# without nvidia-smi on Linux we ask for the +cpu build (PyTorch's CPU index, or a local find-links/mirror that has it).
+# without nvidia-smi on Linux we ask for the +cpu build (PyTorch's CPU index, or a local find-links/mirror that has it),
+# alone, then its dependencies from the usual index (so pip does not look each of them up on PyTorch's index too).
 # pyreft is optional (comparison tests only); its declared deps are heavy, hence --no-deps, and
 # pyreft 0.0.7 imports `evaluate` at import time.
 $(STAMP): pyproject.toml setup.py
@@ -24,7 +25,8 @@ $(STAMP): pyproject.toml setup.py
 		echo "GPU found: installing the default torch build"; $(PIP) install torch; \
 	elif [ "$$(uname -s)" = Linux ]; then \
 		echo "no GPU (nvidia-smi not found): installing torch==$(TORCH_VERSION)+cpu"; \
-		$(PIP) install "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install --no-deps "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX) && \
+		$(PIP) install "torch==$(TORCH_VERSION)+cpu"; \
 	else \
 		echo "no GPU, not Linux: PyPI's torch==$(TORCH_VERSION) is CPU-only here"; $(PIP) install torch==$(TORCH_VERSION); \
 	fi
