@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{output.metrics['reft_train_steps']} steps; adapters identical on every rank: {same}; saved to "
             f"{cli.output_dir}"
         )
+    trainer.accelerator.end_training()  # closes the process group, so no rank exits with gloo threads alive
     if not same:
         raise SystemExit("adapters differ across ranks")
 
