@@ -150,6 +150,11 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: parse, train, evaluate, save. Returns the exit status (0)."""
     train_from_args(argv)
+    # Under `accelerate launch`, leave the process group before exiting (what Accelerator.end_training does): a
+    # process that exits with a gloo group alive can abort in its threads' teardown. A no-op in a single process.
+    from accelerate.state import PartialState
+
+    PartialState().destroy_process_group()
     return 0
 
 
@@ -178,6 +183,11 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     from .evaluation import evaluate_generation_accuracy
     from .trainer.staged_sft import StagedSFTTrainer
 
+    if not model_args.model_name_or_path:
+        raise ValueError(
+            "--model_name_or_path is required: a hub id or a local model folder (offline, the embedded "
+            "HuggingFaceTB/SmolLM2-135M-Instruct: see `python -m peft_heft.assets`)."
+        )
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required: a local .json/.jsonl/.csv/.parquet file or a dataset name.")
     model_init_kwargs = dict(

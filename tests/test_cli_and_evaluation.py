@@ -157,6 +157,18 @@ def test_heft_sft_console_script_help_and_bad_input(tmp_path):
                 "steps",
             ]
         )
+    with pytest.raises(ValueError, match="--model_name_or_path is required"):
+        main(
+            [
+                "--dataset_name",
+                "embedded:strategyqa",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--use_cpu",
+                "--bf16",
+                "false",
+            ]
+        )
     with pytest.raises(ValueError, match="intervention_layers"):
         parse_layers("2;4")
     assert parse_layers("all") == "all" and parse_layers("3") == 3 and parse_layers("2, 4,-1") == [2, 4, -1]
