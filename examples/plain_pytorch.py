@@ -83,6 +83,22 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def tiny_llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A 2-layer, 64-wide Llama for this task's vocabulary (random weights: the point is the workflow)."""
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
 def make_example(rng: random.Random) -> tuple[str, str]:
     label = rng.randint(0, 1)
     sentiment_words = rng.sample(POSITIVE if label else NEGATIVE, k=rng.randint(1, 2))
@@ -176,18 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"task: {len(train)} train / {len(evaluation)} eval examples, e.g. {train[0][0]!r} -> {train[0][1]!r}")
 
     # A tiny Llama with random weights, saved like any Hugging Face checkpoint so the adapter can be reloaded on it.
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    config = tiny_llama_config(tok)
     LlamaForCausalLM(config).save_pretrained(BASE_DIR)
     tok.save_pretrained(BASE_DIR)
     base = AutoModelForCausalLM.from_pretrained(BASE_DIR).to(device)

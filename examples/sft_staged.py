@@ -23,10 +23,10 @@ from pathlib import Path
 
 from datasets import Dataset
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, set_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_pytorch import make_example, make_tokenizer  # noqa: E402  (the task and tokenizer of plain_pytorch.py)
+from plain_pytorch import make_example, make_tokenizer, tiny_llama_config  # noqa: E402  (the task and tokenizer of plain_pytorch.py)
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
 from peft_heft.evaluation import evaluate_generation_accuracy  # noqa: E402
@@ -60,18 +60,7 @@ def main(argv=None) -> dict:
     train, held_out = data.select(range(1000)), data.select(range(1000, 1200))
 
     base_dir = Path(cli.output_dir) / "tiny-base"
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    config = tiny_llama_config(tok)
     set_seed(0)
     LlamaForCausalLM(config).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
