@@ -54,12 +54,15 @@ def register_heft() -> None:
     >>> peft_heft.register_heft()  # idempotent
     ```
     """
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
     from .config import HeftConfig
     from .model import HeftModel
 
+    placeholder = PEFT_TYPE_TO_CONFIG_MAPPING.get(HEFT_NAME)
+    if placeholder is not None and type(placeholder).__name__ == "_NotRegisteredMeta":
+        del PEFT_TYPE_TO_CONFIG_MAPPING[HEFT_NAME]  # the autoload hook's "import peft_heft" hint: replaced now
     member = cast(PeftType, _add_enum_member(PeftType, HEFT_NAME, HEFT_NAME))
     _add_model_card_section()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is HeftModel:

@@ -48,6 +48,69 @@ def test_without_import_or_autoload_peft_fails_on_the_unknown_type(saved):
     assert "HEFT" in out.stderr  # PEFT's own KeyError: this is why the docs say `import peft_heft`
 
 
+def _installed_pth() -> bool:
+    import sysconfig
+
+    return (Path(sysconfig.get_paths()["purelib"]) / "peft_heft-autoload.pth").is_file()
+
+
+AUTO_LOAD = """
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained({adapter!r})
+print(type(model.base_model).__name__, model.peft_config["default"].peft_type == "HEFT")
+"""
+
+IMPORT_ORDERS = {
+    "transformers Trainer first": "from transformers import Trainer\n",
+    "trl first": "import trl\n",
+    "accelerate first": "import accelerate\n",
+    "peft first": "import peft\n",
+    "from peft import PeftModel only": "from peft import PeftModel\n",
+    "find_spec of peft first": "import importlib.util; importlib.util.find_spec('peft'); import transformers\n",
+    "transformers is_peft_available first": "from transformers.utils import is_peft_available; is_peft_available()\n",
+}
+
+
+@pytest.fixture(scope="module")
+def saved_with_base_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("autoload_orders")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    model = get_peft_model(base, heft_config())
+    model.peft_config["default"].base_model_name_or_path = str(root / "base")
+    model.save_pretrained(root / "adapter")
+    return str(root / "adapter")
+
+
+@pytest.mark.parametrize("order", sorted(IMPORT_ORDERS))
+def test_every_import_order_registers_heft_in_a_fresh_process(order, saved_with_base_path):
+    """Each order in a fresh interpreter, with only the start-up hook (the installed .pth, or its module imported
+    first the way the .pth does): AutoPeftModelForCausalLM loads the HEFT adapter."""
+    prefix = "" if _installed_pth() else "import _peft_heft_autoload\n"
+    out = _run(prefix + IMPORT_ORDERS[order] + AUTO_LOAD.format(adapter=saved_with_base_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "HeftModel True"
+
+
+@pytest.mark.parametrize("order", ["transformers Trainer first", "peft first"])
+def test_autoload_turned_off_says_to_import_peft_heft(order, saved_with_base_path):
+    prefix = "" if _installed_pth() else "import _peft_heft_autoload\n"
+    code = prefix + IMPORT_ORDERS[order] + AUTO_LOAD.format(adapter=saved_with_base_path)
+    out = _run(code, PEFT_HEFT_NO_AUTOLOAD="1")
+    assert out.returncode != 0
+    assert "This is a HEFT adapter (peft_type 'HEFT'), and HEFT is not registered" in out.stderr
+    assert "Add `import peft_heft` before loading it (PEFT_HEFT_NO_AUTOLOAD is set" in out.stderr
+    # and the hint steps aside once the user does import peft_heft
+    fixed = _run(
+        code.replace(
+            "from peft import AutoPeftModelForCausalLM", "import peft_heft\nfrom peft import AutoPeftModelForCausalLM"
+        ),
+        PEFT_HEFT_NO_AUTOLOAD="1",
+    )
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert fixed.stdout.strip().splitlines()[-1] == "HeftModel True"
+
+
 def test_autoload_registers_heft_when_peft_is_imported(saved):
     out = _run("import _peft_heft_autoload\n" + LOAD.format(base=saved[0], adapter=saved[1]))
     assert out.returncode == 0, out.stderr
