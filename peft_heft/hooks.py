@@ -28,6 +28,8 @@ class Located:
 class ForwardPlan:
     """What the layer hooks do in one forward: per layer, a list of (positions, interventions per group)."""
 
+    batch: int = 0
+    seq_len: int = 0  # the shape the plan was made for: a layer seeing another shape is not part of this forward
     routes: dict[int, list[tuple[Located, list[nn.Module]]]] = field(default_factory=dict)
 
 

@@ -10,7 +10,10 @@ import torch
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from torch import nn
+from transformers import Cache
 
+from . import call_state
+from .call_state import UNSET, GenerationState
 from .config import HeftConfig
 from .hooks import ForwardPlan, intervene, locate
 from .interventions import build_intervention
@@ -27,13 +30,20 @@ def _intervention_key(layer: int, group: int, num_groups: int) -> str:
     return f"layer{layer}_{('first', 'last')[group]}"
 
 
-def _past_length(past_key_values) -> int:
-    if past_key_values is None:
-        return 0
-    get_seq_length = getattr(past_key_values, "get_seq_length", None)
-    if callable(get_seq_length):
-        return int(get_seq_length())
-    return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
+def _cache_length(args: tuple, kwargs: dict) -> int:
+    """Tokens already in the KV cache of this forward: ``get_seq_length()`` of the ``transformers.Cache`` among its
+    inputs, whatever keyword carries it (``past_key_values``, ``cache`` in transformers >= 5.24, ...); 0 without one.
+
+    For transformers' dynamic caches this is a shape read (no host sync), and it is what the model itself computes
+    its positions from.
+    """
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    for value in args:
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    return 0
 
 
 class HeftModel(LoraModel):
@@ -83,10 +93,8 @@ class HeftModel(LoraModel):
             return
         self.add_module(INTERVENTIONS_ATTR, nn.ModuleDict())
         self._layer_hooks: dict[int, Any] = {}
-        self._pre_hook = None
-        self._plan: ForwardPlan | None = None
-        self._pinned: dict | None = None
-        self._pinned_last = -1
+        self._call_hooks: list[Any] = []  # the causal-LM wrapper's and the backbone's hooks, set together
+        self._grad_plan: ForwardPlan | None = None  # for checkpointed layers recomputed in another thread
         self._stage = "lora"
         self._apply_interventions = False
         self._interventions_enabled = True
@@ -179,20 +187,36 @@ class HeftModel(LoraModel):
             )
         for layer in set(self._layer_hooks) - wanted:
             self._layer_hooks.pop(layer).remove()
-        if wanted and self._pre_hook is None:
-            self._pre_hook = self.model.register_forward_pre_hook(self._plan_forward_hook, with_kwargs=True)
-        elif not wanted and self._pre_hook is not None:
-            self._pre_hook.remove()
-            self._pre_hook = None
+        if wanted and not self._call_hooks:
+            # The wrapper takes `intervention_locations` out of the call (transformers does not know them); the plan
+            # is made where the decoder layers' inputs are known, on the backbone that holds them, so that a call of
+            # the backbone alone (a task head, a user) is planned too.
+            backbone = self._backbone()
+            self._call_hooks = [
+                self.model.register_forward_pre_hook(self._take_explicit_locations_hook, with_kwargs=True),
+                self.model.register_forward_hook(self._clear_explicit_locations_hook, always_call=True),
+                backbone.register_forward_pre_hook(self._plan_forward_hook, with_kwargs=True),
+            ]
+        elif not wanted and self._call_hooks:
+            self._remove_call_hooks()
+
+    def _backbone(self) -> nn.Module:
+        name, _ = find_decoder_layers(self.model)
+        parent = name.rpartition(".")[0]
+        return self.model.get_submodule(parent) if parent else self.model
+
+    def _remove_call_hooks(self) -> None:
+        for handle in self._call_hooks:
+            handle.remove()
+        self._call_hooks = []
 
     def _remove_hooks(self) -> None:
         for handle in self._layer_hooks.values():
             handle.remove()
         self._layer_hooks.clear()
-        if self._pre_hook is not None:
-            self._pre_hook.remove()
-            self._pre_hook = None
-        self._plan = None
+        self._remove_call_hooks()
+        self._grad_plan = None
+        call_state.set_plan(id(self), UNSET)
 
     def _refresh_routes(self) -> None:
         """Per decoder layer: which interventions run, and with which position spec. Rebuilt on state changes."""
@@ -211,43 +235,72 @@ class HeftModel(LoraModel):
                     routes.setdefault(layer, []).append((key, mods))
         self._routes = routes
 
-    def _plan_forward_hook(self, module, args, kwargs):
-        """Forward pre-hook on the wrapped model: compute where to intervene in this call."""
+    def _take_explicit_locations_hook(self, module, args, kwargs):
+        """Forward pre-hook on the wrapped model: take ``intervention_locations`` out of this call's inputs."""
         explicit = kwargs.pop("intervention_locations", None)
+        call_state.set_explicit_locations(id(self), explicit if explicit is not None else UNSET)
+        return args, kwargs
+
+    def _clear_explicit_locations_hook(self, module, args, output):
+        call_state.set_explicit_locations(id(self), UNSET)
+
+    def _plan_forward_hook(self, module, args, kwargs):
+        """Forward pre-hook on the backbone: compute where the decoder layers intervene in this call."""
+        owner = id(self)
         if not self._routes:
-            self._plan = None
+            call_state.set_plan(owner, None)
             return args, kwargs
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shaped = input_ids if input_ids is not None else embeds
         if shaped is None:
-            self._plan = None
+            call_state.set_plan(owner, None)
             return args, kwargs
-        batch, seq_len = shaped.shape[0], shaped.shape[1]
-        offset = _past_length(kwargs.get("past_key_values"))
-        if self._pinned is not None and offset > self._pinned_last:
-            self._plan = None  # a decoding step past the prompt: nothing to intervene on, no work
+        batch, seq_len = int(shaped.shape[0]), int(shaped.shape[1])
+        if batch == 0 or seq_len == 0:
+            raise ValueError(
+                f"The HEFT model got an input of shape {tuple(shaped.shape)}: {'no rows' if batch == 0 else 'no tokens'}"
+                ". Pass at least one row with at least one token (check the tokenizer output or the data collator)."
+            )
+        offset = _cache_length(args, kwargs)
+        generation = call_state.generation_state(owner)
+        if generation is not None and offset > generation.last_position:
+            call_state.set_plan(owner, None)  # a decoding step past the prompt: nothing to intervene on, no work
             return args, kwargs
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-            mask = None  # a custom 4D mask: we cannot read padding from it
-        pinned = self._pinned
-        absolute = self._pinned_locations(pinned, batch) if pinned is not None else None
-        if absolute is None:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if tuple(mask.shape) != (batch, offset + seq_len):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)}, but the input has {batch} row(s) of {seq_len} "
+                    f"token(s) after {offset} cached one(s), so it must have shape {(batch, offset + seq_len)} "
+                    "(one column per cached and new token). Pass the mask of the whole sequence."
+                )
+        elif mask is not None:
+            mask = None  # a 4D or block mask: padding is not readable from it (generate() pins the prompt's)
+        if generation is not None:
+            absolute = self._pinned_locations(generation.pinned, batch)
+        else:
+            explicit = call_state.explicit_locations(owner)
             absolute = self._locations(batch, offset + seq_len, mask, explicit, shaped.device)
         located = {key: locate(locs, offset, seq_len, self._hidden_size) for key, locs in absolute.items()}
-        plan = ForwardPlan()
+        plan = ForwardPlan(batch=batch, seq_len=seq_len)
         for layer, entries in self._routes.items():
             kept = [(located[key], mods) for key, mods in entries if located[key] is not None]
             if kept:
                 plan.routes[layer] = kept
-        self._plan = plan if plan.routes else None
+        final = plan if plan.routes else None
+        call_state.set_plan(owner, final)
+        if torch.is_grad_enabled():
+            self._grad_plan = final
         return args, kwargs
 
     def _locations(self, batch, total_len, mask, explicit, device) -> dict[tuple, torch.Tensor]:
         """Absolute locations ``(B, G, n)`` per position spec in use, from the mask or the explicit tensor."""
         if mask is not None and tuple(mask.shape) != (batch, total_len):
-            mask = None  # e.g. a mask for a different length: treat every token as real
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, but the input has {batch} row(s) of {total_len} "
+                f"token(s); pass a mask of shape {(batch, total_len)}."
+            )
         result = {}
         for entries in self._routes.values():
             for key, _ in entries:
@@ -256,11 +309,7 @@ class HeftModel(LoraModel):
                 spec, share = key
                 if explicit is not None:
                     locs = normalize_locations(explicit, batch, spec.num_groups(share), device)
-                    if int(locs.max()) >= total_len:
-                        raise ValueError(
-                            f"intervention_locations contains position {int(locs.max())}, but the sequence has "
-                            f"{total_len} tokens."
-                        )
+                    _check_explicit_locations(locs, total_len)
                     result[key] = locs
                 else:
                     result[key] = compute_locations(spec, mask, batch, total_len, share, device)
@@ -277,18 +326,28 @@ class HeftModel(LoraModel):
                         "intervention locations onto it."
                     )
                 locs = locs.repeat_interleave(batch // locs.shape[0], dim=0)  # beam search / num_return_sequences
-                pinned[key] = locs
+                pinned[key] = locs  # this call's own state: later steps reuse the expanded tensor
             out[key] = locs
         return out
 
     def _layer_output_hook(self, layer: int, module, args, output):
-        plan = self._plan
+        plan = call_state.current_plan(id(self))
+        if plan is UNSET:
+            # no forward of this model in this context: a checkpointed layer recomputed by backward() in an autograd
+            # worker thread (GPU) gets the plan of the last forward that records gradients
+            plan = self._grad_plan if torch.is_grad_enabled() else None
         if plan is None:
             return None
         entries = plan.routes.get(layer)
         if entries is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[0] != plan.batch or hidden.shape[1] != plan.seq_len:
+            raise RuntimeError(
+                f"HEFT decoder layer {layer} got hidden states of shape {tuple(hidden.shape)}, but this model's last "
+                f"forward planned interventions for {plan.batch} row(s) of {plan.seq_len} token(s). Decoder layers "
+                "called on their own are not intervened correctly: call the model (or its backbone) instead."
+            )
         for located, mods in entries:
             hidden = intervene(hidden, located, mods)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -362,24 +421,52 @@ class HeftModel(LoraModel):
         """``generate`` with interventions on the prompt positions.
 
         Locations are computed once from the prompt (or taken from ``intervention_locations``) and pinned for the
-        whole call. Prompt positions are intervened during prefill and reach new tokens through the KV cache; with
+        whole call, in this call's own context (concurrent calls in other threads do not see them). Prompt positions
+        are intervened during prefill (also when it is chunked) and reach new tokens through the KV cache; with
         ``use_cache=False`` every step recomputes the prompt with the same interventions, so both give the same
-        tokens. Beam search and ``num_return_sequences`` repeat the locations per row.
+        tokens. Beam search and ``num_return_sequences`` repeat the locations per row. Without an
+        ``attention_mask``, the mask is inferred from ``pad_token_id`` exactly as transformers infers it, and passed
+        on, so padding is never intervened on.
         """
         explicit = kwargs.pop("intervention_locations", None)
         if not self._routes:
             return self.model.generate(*args, **kwargs)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
+            kwargs["input_ids"], args = args[0], args[1:]
+        input_ids = kwargs.get("input_ids")
         shaped = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if shaped is None:
             raise ValueError("HEFT generate() needs input_ids or inputs_embeds to place the prompt interventions.")
+        if shaped.shape[0] == 0 or shaped.shape[1] == 0:
+            raise ValueError(
+                f"HEFT generate() got a prompt of shape {tuple(shaped.shape)}: pass at least one row with at least "
+                "one token."
+            )
         mask = kwargs.get("attention_mask")
-        self._pinned = self._locations(shaped.shape[0], shaped.shape[1], mask, explicit, shaped.device)
-        self._pinned_last = max(int(locs.max()) for locs in self._pinned.values())
+        if mask is None and input_ids is not None and explicit is None:
+            mask = self._infer_attention_mask(input_ids, kwargs)
+            kwargs["attention_mask"] = mask
+        pinned = self._locations(shaped.shape[0], shaped.shape[1], mask, explicit, shaped.device)
+        last = max(int(locs.max()) for locs in pinned.values())
+        token = call_state.start_generation(id(self), GenerationState(pinned=pinned, last_position=last))
         try:
             return self.model.generate(*args, **kwargs)
         finally:
-            self._pinned = None
+            call_state.end_generation(token)
+
+    def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The mask transformers' ``generate()`` infers without one: pad tokens are padding unless pad == eos."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        ones = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        if pad is None or input_ids.dim() != 2 or input_ids.is_floating_point():
+            return ones
+        pad_ids = torch.as_tensor(pad, device=input_ids.device).reshape(-1)
+        eos_ids = torch.as_tensor(eos if eos is not None else [], device=input_ids.device).reshape(-1)
+        if bool(torch.isin(eos_ids, pad_ids).any()) or not bool(torch.isin(input_ids, pad_ids).any()):
+            return ones
+        return (~torch.isin(input_ids, pad_ids)).long()
 
     # ------------------------------------------------------------------ merge / unload
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
@@ -458,6 +545,26 @@ class HeftModel(LoraModel):
             # a loaded adapter applies both parts; training continues on both until set_stage() says otherwise
             tuner.set_stage("joint")
         return remapped
+
+
+def _check_explicit_locations(locs: torch.Tensor, total_len: int) -> None:
+    """Explicit locations must name real positions of the sequence, each at most once per row."""
+    highest = int(locs.max())
+    if highest >= total_len:
+        raise ValueError(
+            f"intervention_locations contains position {highest}, but the sequence has {total_len} tokens "
+            f"(valid: 0..{total_len - 1}, or -1 for an unused slot)."
+        )
+    flat = locs.reshape(locs.shape[0], -1)
+    ordered = flat.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(repeated.any()):
+        row = int(repeated.any(dim=1).nonzero()[0, 0])
+        position = int(ordered[row, 1:][repeated[row]][0])
+        raise ValueError(
+            f"intervention_locations names position {position} more than once in row {row}; each position may be "
+            "intervened on once (its changes would add up). List each position once, -1 for unused slots."
+        )
 
 
 def _find_heft_tuner(model) -> HeftModel | None:
