@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -107,6 +107,9 @@ class StagedSFTTrainer(SFTTrainer):
     ):
         args = _as_heft_args(args, model)
         _check_supported(args, model, peft_config, optimizers)
+        _check_processing_class(model, processing_class)
+        _check_not_empty(train_dataset, eval_dataset)
+        _check_output_dir(args)
         self._stage_index: int | None = None
         self._stage_name: str | None = None
         self._completed_stages: dict[str, dict[str, float]] = {}
@@ -149,10 +152,13 @@ class StagedSFTTrainer(SFTTrainer):
         if packing:
             raise ValueError(_PACKING_ERROR)
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-        pretokenized = "input_ids" in get_dataset_column_names(dataset)
+        pretokenized = _check_dataset_format(dataset, args, formatting_func, dataset_name)
         if pretokenized:
             dataset = dataset.map(pretokenized_prompt_length_fn, **map_kwargs)
+        rows_before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if rows_before and isinstance(dataset, Dataset) and len(dataset) < rows_before:
+            _report_dropped_rows(rows_before, len(dataset), args, dataset_name)
         keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
         if not pretokenized:
             if isinstance(dataset, Dataset):
@@ -490,8 +496,8 @@ def _as_heft_args(args, model) -> HeftSFTConfig:
     if isinstance(args, HeftSFTConfig):
         return args
     if args is None:
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-        return HeftSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-HEFT")
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        return HeftSFTConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-HEFT")
     raise TypeError(
         f"StagedSFTTrainer needs args=HeftSFTConfig(...), got {type(args).__name__}. HeftSFTConfig takes every "
         "SFTConfig option plus the stage schedule (stage_order, lora_*/reft_* epochs, steps and learning rates)."
@@ -521,3 +527,190 @@ def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> Non
             )
     elif peft_config is None:
         raise ValueError("StagedSFTTrainer needs peft_config=HeftConfig(...) (or a model already wrapped with HEFT).")
+
+
+# ------------------------------------------------------------------ early checks with clear messages
+_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def _check_processing_class(model, processing_class) -> None:
+    """Without a tokenizer, TRL loads one from the model's name or path: refuse when there is none to load from."""
+    if processing_class is not None or isinstance(model, str):
+        return
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not name:
+        raise ValueError(
+            f"processing_class is None, and the model ({type(base).__name__}) has no name or path to load its "
+            "tokenizer from: it was built from a config, so config._name_or_path is empty. Pass the tokenizer: "
+            "StagedSFTTrainer(model, ..., processing_class=tokenizer), e.g. "
+            "tokenizer = AutoTokenizer.from_pretrained(<the model's tokenizer id or folder>)."
+        )
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"processing_class is None, and the model's folder {name} holds no tokenizer files "
+            f"({', '.join(_TOKENIZER_FILES[:3])}, ...) to load one from. Pass processing_class=tokenizer, or save the "
+            f"tokenizer into that folder first (tokenizer.save_pretrained({name!r}))."
+        )
+
+
+def _check_not_empty(train_dataset, eval_dataset) -> None:
+    """An empty dataset fails deep inside TRL (a bare StopIteration): name it instead."""
+    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError(
+            "train_dataset is empty (0 rows): there is nothing to train on. Check the split you passed and any "
+            "filter or select applied to it."
+        )
+    if isinstance(train_dataset, IterableDataset):
+        try:
+            next(iter(train_dataset))
+        except StopIteration:
+            raise ValueError(
+                "train_dataset is an empty IterableDataset (it yields no example): there is nothing to train on."
+            ) from None
+    evals = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+    for key, dataset in evals.items():
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            name = "eval_dataset" if key is None else f"eval_dataset[{key!r}]"
+            raise ValueError(
+                f"{name} is empty (0 rows). Pass a non-empty split, or eval_dataset=None to skip evaluation."
+            )
+
+
+def _check_output_dir(args: HeftSFTConfig) -> None:
+    """Checkpoints and the adapter go to output_dir: find out now, not at the first save, that it cannot hold them."""
+    if not args.should_save:
+        return  # only the saving process writes there
+    given = str(args.output_dir)
+    path = os.path.abspath(given)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"output_dir={given!r} is an existing file, not a folder; StagedSFTTrainer saves its checkpoints and "
+            "the adapter into output_dir. Pass the path of a folder (HeftSFTConfig(output_dir=...)), or move the "
+            "file away."
+        )
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(
+            f"output_dir={given!r} cannot be created: {existing} is a file, not a folder. Pass an output_dir whose "
+            "parents are folders."
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".heft-write-check-", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        message = (
+            f"output_dir={given!r} is not writable ({error.strerror or error}); StagedSFTTrainer saves its "
+            "checkpoints and the adapter there. Pass an output_dir you can write to, or fix its permissions."
+        )
+        raise (PermissionError(message) if isinstance(error, PermissionError) else OSError(message)) from error
+
+
+_SFT_FORMATS = (
+    "'text' (language modeling: the column named by dataset_text_field, now {text_field!r}); "
+    "'messages' (conversational language modeling: a list of role/content turns); "
+    "'prompt' + 'completion' (prompt-completion, as strings or as role/content lists); "
+    "'conversations' (ShareGPT from/value turns, converted to messages); "
+    "or tokenized 'input_ids'"
+)
+
+
+def _check_dataset_format(dataset, args: HeftSFTConfig, formatting_func, dataset_name: str) -> bool:
+    """Refuse, before TRL's KeyError deep in `datasets.map`, a dataset in no SFT format or with None prompts/completions.
+
+    Returns whether the dataset is already tokenized (has `input_ids`).
+    """
+    try:
+        columns = list(get_dataset_column_names(dataset))
+    except StopIteration:
+        raise ValueError(f"The {dataset_name} dataset is empty: it yields no example.") from None
+    if "input_ids" in columns:
+        return True
+    present = set(columns)
+    text_field = args.dataset_text_field
+    formats = _SFT_FORMATS.format(text_field=text_field)
+    if "prompt" in present and "completion" not in present:
+        preference = "chosen" in present and "rejected" in present
+        hint = (
+            "It looks like preference data (prompt/chosen/rejected), which SFT cannot train on. To fine-tune on the "
+            "preferred answers, rename 'chosen' to 'completion' and drop 'rejected': "
+            "dataset.rename_column('chosen', 'completion').remove_columns('rejected')."
+            if preference
+            else "Add a 'completion' column, or rename 'prompt' if it holds the whole text."
+        )
+        raise ValueError(
+            f"The {dataset_name} dataset has a 'prompt' column but no 'completion' column (columns: {columns}); "
+            f"TRL's SFT preparation reads 'prompt' only together with 'completion'. {hint} SFT formats: {formats}."
+        )
+    readable = bool({"prompt", "messages", "conversations", text_field} & present)
+    if not readable and formatting_func is None:
+        preference_hint = (
+            " 'chosen'/'rejected' are preference data, which SFT cannot train on; to fine-tune on the preferred "
+            "answers, use 'chosen' as 'messages' (or 'text') and drop 'rejected'."
+            if {"chosen", "rejected"} <= present
+            else ""
+        )
+        raise ValueError(
+            f"The {dataset_name} dataset has columns {columns}, none of which TRL's SFT preparation reads. "
+            f"StagedSFTTrainer takes the formats SFTTrainer takes: {formats}.{preference_hint} Rename your columns "
+            "(dataset.rename_column(old, new)), set dataset_text_field, or pass formatting_func= returning each "
+            "example's text."
+        )
+    # the columns TRL tokenizes, in its order: prompt-completion, then messages, then text
+    if "prompt" in present:
+        used = ["prompt", "completion"]
+    elif "messages" in present:
+        used = ["messages"]
+    elif "conversations" in present:
+        used = ["conversations"]
+    else:
+        used = [text_field] if formatting_func is None else []
+    if isinstance(dataset, Dataset):
+        _check_no_none(dataset, used, dataset_name)
+    return False
+
+
+def _check_no_none(dataset: Dataset, columns: list[str], dataset_name: str) -> None:
+    """Name the first row whose prompt/completion/text/messages is None (TRL fails on it with an AttributeError)."""
+    for column in columns:
+        if not dataset.data.column(column).null_count:  # no None in the whole table: nothing to search
+            continue
+        nulls = dataset.with_format("arrow")[column].is_null().to_pylist()  # the rows of this view (select/filter)
+        rows = [i for i, null in enumerate(nulls) if null]
+        if not rows:
+            continue
+        more = f" ({len(rows)} rows in all: {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+        raise ValueError(
+            f"Row {rows[0]} of the {dataset_name} dataset has {column}=None{more if len(rows) > 1 else ''}. Every "
+            f"row needs a {column!r} value (a string, or a list of turns): drop or fill those rows first, e.g. "
+            f"dataset = dataset.filter(lambda row: row[{column!r}] is not None)."
+        )
+
+
+def _report_dropped_rows(before: int, after: int, args: HeftSFTConfig, dataset_name: str) -> None:
+    """TRL drops rows that truncation leaves without a token to learn: all of them is an error, some a warning."""
+    if after == 0:
+        raise ValueError(
+            f"Every example of the {dataset_name} dataset ({before}) was dropped while preparing it: truncation to "
+            f"max_length={args.max_length} (truncation_mode={args.truncation_mode!r}) leaves none of them a "
+            "completion token to learn, so each prompt is at least max_length tokens long. Raise max_length above "
+            "the prompts' token length, or shorten the prompts."
+        )
+    logger.warning(
+        f"{before - after} of {before} examples of the {dataset_name} dataset were dropped: truncation to "
+        f"max_length={args.max_length} left them no completion token to learn (their prompt fills max_length). "
+        "Raise max_length to keep them."
+    )

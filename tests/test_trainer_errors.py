@@ -1,0 +1,249 @@
+"""StagedSFTTrainer's early, clear errors: each names the problem and the fix (the tests assert both pieces)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+import warnings
+
+import pytest
+from datasets import Dataset
+from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
+
+from peft_heft import HeftConfig, StagedSFTTrainer
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def peft_config(**overrides) -> HeftConfig:
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=2,
+        intervention_positions="f2+l2",
+    )
+    kwargs.update(overrides)
+    return HeftConfig(**kwargs)
+
+
+def make_trainer(output_dir, data=None, config=None, callbacks=None, tokenizer="tiny", model=None, **arg_overrides):
+    return StagedSFTTrainer(
+        model if model is not None else tiny_sft_model(),
+        args=cpu_sft_args(str(output_dir), **arg_overrides),
+        train_dataset=data if data is not None else make_dataset("prompt_completion", 32),
+        processing_class=tiny_tokenizer() if tokenizer == "tiny" else tokenizer,
+        peft_config=config or peft_config(),
+        callbacks=callbacks,
+    )
+
+
+def assert_pieces(error: pytest.ExceptionInfo, *pieces: str) -> None:
+    message = str(error.value)
+    missing = [p for p in pieces if p not in message]
+    assert not missing, f"{missing} not in: {message}"
+
+
+# ------------------------------------------------------------------ 1. dataset format
+SFT_FORMAT_PIECES = ("'text'", "'messages'", "'prompt' + 'completion'", "'conversations'", "'input_ids'")
+
+
+def test_dataset_in_no_sft_format_lists_every_format_and_the_fixes(tmp_path):
+    data = Dataset.from_list([{"question": "w1 w2 ?", "answer": "yes"}] * 4)
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=data)
+    assert_pieces(error, "columns ['question', 'answer']", *SFT_FORMAT_PIECES, "rename_column", "formatting_func")
+    # eval data in no format is named as such, too
+    with pytest.raises(ValueError) as error:
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=cpu_sft_args(str(tmp_path / "out")),
+            train_dataset=make_dataset("prompt_completion", 8),
+            eval_dataset=data,
+            processing_class=tiny_tokenizer(),
+            peft_config=peft_config(),
+        )
+    assert_pieces(error, "The eval dataset has columns ['question', 'answer']")
+
+
+def test_preference_data_is_named_with_the_rename_to_completion(tmp_path):
+    data = Dataset.from_list([{"prompt": "w1 w2 ?", "chosen": " yes", "rejected": " no"}] * 4)
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=data)
+    assert_pieces(
+        error, "'prompt' column but no 'completion'", "preference data", "rename_column('chosen', 'completion')"
+    )
+    implicit = Dataset.from_list([{"chosen": "w1 yes", "rejected": "w1 no"}] * 4)  # no prompt column
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=implicit)
+    assert_pieces(error, "preference data", "'chosen' as 'messages'", *SFT_FORMAT_PIECES)
+
+
+def test_custom_text_field_and_formatting_func_are_accepted_and_named(tmp_path):
+    data = Dataset.from_list([{"body": "w1 w2 ? Answer: yes"}] * 8)
+    trainer = make_trainer(tmp_path / "out", data=data, dataset_text_field="body")
+    assert "input_ids" in trainer.train_dataset.column_names
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=data.rename_column("body", "other"), dataset_text_field="body")
+    assert_pieces(error, "dataset_text_field, now 'body'", "columns ['other']")
+    # a formatting function builds the text, so any columns go
+    odd = Dataset.from_list([{"q": "w1 w2 ?", "a": "yes"}] * 8)
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(),
+        args=cpu_sft_args(str(tmp_path / "out"), completion_only_loss=False),
+        train_dataset=odd,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config(),
+        formatting_func=lambda row: f"{row['q']} Answer: {row['a']}",
+    )
+    assert len(trainer.train_dataset) == 8
+
+
+# ------------------------------------------------------------------ 2. empty datasets
+def test_empty_train_dataset_is_named_not_a_stop_iteration(tmp_path):
+    empty = make_dataset("prompt_completion", 8).filter(lambda row: False)
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=empty)
+    assert_pieces(error, "train_dataset is empty (0 rows)", "nothing to train on", "filter")
+    assert not isinstance(error.value.__cause__, StopIteration)
+
+
+def test_empty_eval_dataset_is_named_with_eval_dataset_none_as_the_fix(tmp_path):
+    for eval_dataset, name in (
+        (make_dataset("prompt_completion", 4).select([]), "eval_dataset is empty"),
+        ({"held_out": make_dataset("prompt_completion", 4).select([])}, "eval_dataset['held_out'] is empty"),
+    ):
+        with pytest.raises(ValueError) as error:
+            StagedSFTTrainer(
+                tiny_sft_model(),
+                args=cpu_sft_args(str(tmp_path / "out")),
+                train_dataset=make_dataset("prompt_completion", 8),
+                eval_dataset=eval_dataset,
+                processing_class=tiny_tokenizer(),
+                peft_config=peft_config(),
+            )
+        assert_pieces(error, name, "eval_dataset=None")
+
+
+# ------------------------------------------------------------------ 3. prompts longer than max_length
+def test_every_prompt_longer_than_max_length_is_a_clear_error(tmp_path):
+    # keep_start keeps only prompt tokens, TRL drops every row (nothing left to learn); before, the prompt-length map
+    # of the emptied dataset failed with "Column name ['heft_full_length'] not in the dataset"
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=make_dataset("prompt_completion", 8), max_length=3)
+    assert_pieces(error, "Every example of the train dataset (8) was dropped", "max_length=3", "Raise max_length")
+    assert "heft_full_length" not in str(error.value)
+
+
+def test_some_prompts_longer_than_max_length_warn_with_the_count(tmp_path, caplog):
+    long = {"prompt": " ".join(f"w{i}" for i in range(12)) + " Answer:", "completion": " yes"}
+    data = Dataset.from_list([long] * 2 + [{"prompt": "w1 ? Answer:", "completion": " no"}] * 6)
+    with caplog.at_level(logging.WARNING, logger="peft_heft.trainer.staged_sft"):
+        trainer = make_trainer(tmp_path / "out", data=data, max_length=8)
+    assert len(trainer.train_dataset) == 6
+    assert "2 of 8 examples of the train dataset were dropped" in caplog.text and "max_length=8" in caplog.text
+
+
+# ------------------------------------------------------------------ 4. None values
+@pytest.mark.parametrize("column", ["prompt", "completion"])
+def test_none_prompt_or_completion_names_the_row_and_column(tmp_path, column):
+    rows = [{"prompt": f"w{i} ? Answer:", "completion": " yes"} for i in range(10)]
+    rows[4][column] = None
+    rows[7][column] = None
+    data = Dataset.from_list(rows).select([9, 8, 7, 6, 5, 4, 3])  # a view: rows are counted as the trainer sees them
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=data)
+    assert_pieces(
+        error,
+        f"Row 2 of the train dataset has {column}=None",
+        "2 rows in all: 2, 5",
+        f"dataset.filter(lambda row: row[{column!r}] is not None)",
+    )
+
+
+def test_none_text_or_messages_names_the_row_and_column(tmp_path):
+    text = Dataset.from_list([{"text": "w1 w2"}, {"text": None}, {"text": "w3"}])
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=text)
+    assert_pieces(error, "Row 1 of the train dataset has text=None", "row['text'] is not None")
+    turns = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "yes"}]
+    messages = Dataset.from_list([{"messages": turns}, {"messages": turns}, {"messages": None}])
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", data=messages)
+    assert_pieces(error, "Row 2 of the train dataset has messages=None")
+
+
+# ------------------------------------------------------------------ 5. output_dir
+class PreparedData(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_dataset_preparation(monkeypatch):
+    """Fail if the trainer gets as far as preparing data: the output_dir check must come before that work."""
+
+    def refuse(self, *args, **kwargs):
+        raise PreparedData("output_dir was not checked before the dataset was prepared")
+
+    monkeypatch.setattr(StagedSFTTrainer, "_prepare_dataset", refuse)
+
+
+def test_output_dir_that_is_a_file_is_refused_at_construction(tmp_path, no_dataset_preparation):
+    path = tmp_path / "results.txt"
+    path.write_text("not a folder")
+    with pytest.raises(NotADirectoryError) as error:
+        make_trainer(path)
+    assert_pieces(error, f"output_dir={str(path)!r} is an existing file, not a folder", "Pass the path of a folder")
+
+
+def test_output_dir_under_a_file_is_refused_at_construction(tmp_path, no_dataset_preparation):
+    # the root-proof way to get an output_dir that cannot be written: one of its parents is a file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError) as error:
+        make_trainer(tmp_path / "file" / "run" / "out")
+    assert_pieces(error, "cannot be created", f"{tmp_path / 'file'} is a file, not a folder", "parents are folders")
+
+
+def test_unwritable_output_dir_is_refused_at_construction(tmp_path, monkeypatch, no_dataset_preparation):
+    # root writes through any permission bits, so the write probe is made to fail as a read-only folder makes it fail
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError) as error:
+        make_trainer(tmp_path / "out")
+    assert_pieces(error, "is not writable (Permission denied)", "Pass an output_dir you can write to")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_output_dir_is_refused_for_a_normal_user(tmp_path, no_dataset_preparation):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with pytest.raises(PermissionError) as error:
+            make_trainer(folder / "out")
+        assert_pieces(error, "is not writable", "fix its permissions")
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+# ------------------------------------------------------------------ 6. processing_class
+def test_model_built_from_a_config_needs_processing_class(tmp_path):
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", tokenizer=None)
+    assert_pieces(error, "processing_class is None", "LlamaForCausalLM", "built from a config", "processing_class=")
+
+
+def test_model_folder_without_tokenizer_files_needs_processing_class(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_sft_model().save_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError) as error:
+        make_trainer(tmp_path / "out", tokenizer=None, model=model)
+    assert_pieces(error, f"folder {tmp_path / 'model'} holds no tokenizer files", "processing_class=tokenizer")
