@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
 import warnings
@@ -13,6 +15,7 @@ from datasets import Dataset
 from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftConfig, StagedSFTTrainer
+from peft_heft.trainer.checkpoints import MARKER_NAME, checkpoint_problem, complete_checkpoints, read_marker
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -247,3 +250,177 @@ def test_model_folder_without_tokenizer_files_needs_processing_class(tmp_path):
     with pytest.raises(ValueError) as error:
         make_trainer(tmp_path / "out", tokenizer=None, model=model)
     assert_pieces(error, f"folder {tmp_path / 'model'} holds no tokenizer files", "processing_class=tokenizer")
+
+
+# ------------------------------------------------------------------ 7. damaged checkpoints
+class Crash(RuntimeError):
+    pass
+
+
+CHECKPOINT_ARGS = dict(lora_max_steps=6, reft_max_steps=4, save_strategy="steps", save_steps=3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run's output_dir: stage-0-lora/checkpoint-{3,6}, stage-1-reft/checkpoint-{3,4}."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    make_trainer(out, **CHECKPOINT_ARGS).train()
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)  # copy2 keeps the markers' mtimes, so the newest checkpoint stays the newest
+    return out
+
+
+def cut_in_half(path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def test_marker_lists_every_file_with_its_size(finished_run):
+    checkpoint = finished_run / "stage-1-reft" / "checkpoint-4"
+    marker = read_marker(str(checkpoint))
+    files = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.name != MARKER_NAME}
+    assert marker["format"] == 2 and marker["files"] == files
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(files)
+    assert checkpoint_problem(str(checkpoint), marker) is None
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt"])
+def test_resume_from_a_truncated_checkpoint_names_the_broken_file(run_copy, name):
+    checkpoint = run_copy / "stage-1-reft" / "checkpoint-4"
+    cut_in_half(checkpoint / name)
+    trainer = make_trainer(run_copy, **CHECKPOINT_ARGS)
+    with pytest.raises(ValueError) as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert_pieces(error, f"Checkpoint {checkpoint} is damaged: {name} is", "resume_from_checkpoint=True")
+    assert_pieces(error, f"The latest whole checkpoint is {run_copy / 'stage-1-reft' / 'checkpoint-3'}")
+
+
+def test_resume_true_skips_a_truncated_checkpoint_with_a_warning(run_copy, caplog):
+    cut_in_half(run_copy / "stage-1-reft" / "checkpoint-4" / "adapter_model.safetensors")
+    trainer = make_trainer(run_copy, **CHECKPOINT_ARGS)
+    with caplog.at_level(logging.WARNING, logger="peft_heft.trainer.checkpoints"):
+        out = trainer.train(resume_from_checkpoint=True)
+    assert f"Skipping checkpoint {run_copy / 'stage-1-reft' / 'checkpoint-4'}" in caplog.text
+    assert "adapter_model.safetensors is" in caplog.text and "previous complete checkpoint" in caplog.text
+    assert out.metrics["reft_train_steps"] == 4  # resumed at reft step 3: one step left
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e and e.get("stage") == "reft"][-1] == 4
+
+
+def test_resume_true_with_every_checkpoint_damaged_lists_them(run_copy):
+    for _, _, path in complete_checkpoints(str(run_copy)):
+        cut_in_half(os.path.join(path, "optimizer.pt"))
+    with pytest.raises(ValueError) as error:
+        make_trainer(run_copy, **CHECKPOINT_ARGS).train(resume_from_checkpoint=True)
+    assert_pieces(error, "every checkpoint in", "checkpoint-3: optimizer.pt", "resume_from_checkpoint=None")
+
+
+def test_old_markers_without_a_file_list_still_resume_and_get_content_checks(run_copy):
+    for _, _, path in complete_checkpoints(str(run_copy)):
+        marker = read_marker(path)
+        for key in ("files", "stage_train_loss"):
+            marker.pop(key, None)
+        marker["format"] = 1
+        marker_path = os.path.join(path, MARKER_NAME)
+        stamp = os.path.getmtime(marker_path)
+        with open(marker_path, "w", encoding="utf-8") as handle:
+            json.dump(marker, handle)
+        os.utime(marker_path, (stamp, stamp))
+    newest = run_copy / "stage-1-reft" / "checkpoint-4"
+    # without sizes, a safetensors header, a torch.save zip directory and JSON syntax still show truncation
+    for name, piece in (
+        ("adapter_model.safetensors", "header describes"),
+        ("optimizer.pt", "torch.save archive"),
+        ("trainer_state.json", "not valid JSON"),
+    ):
+        shutil.copy2(newest / name, run_copy / "whole")
+        cut_in_half(newest / name)
+        problem = checkpoint_problem(str(newest), read_marker(str(newest)))
+        assert problem is not None and problem.startswith(name) and piece in problem, problem
+        shutil.copy2(run_copy / "whole", newest / name)
+        assert checkpoint_problem(str(newest), read_marker(str(newest))) is None
+    cut_in_half(newest / "optimizer.pt")
+    out = make_trainer(run_copy, **CHECKPOINT_ARGS).train(resume_from_checkpoint=True)  # falls back to checkpoint-3
+    assert out.metrics["reft_train_steps"] == 4
+
+
+def test_checking_a_checkpoint_never_unpickles(finished_run, monkeypatch):
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint check unpickled a file")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    for _, _, path in complete_checkpoints(str(finished_run)):
+        assert checkpoint_problem(path, read_marker(path)) is None
+
+
+def test_rewriting_an_old_runs_checkpoint_drops_its_marker_first(run_copy, monkeypatch):
+    trainer = make_trainer(run_copy, **CHECKPOINT_ARGS)
+
+    def crash(output_dir):
+        raise Crash("power cut while saving")
+
+    monkeypatch.setattr(trainer, "_save_rng_state", crash)
+    with pytest.raises(Crash):
+        trainer.train()  # a new run into the same output_dir: its first save rewrites stage-0-lora/checkpoint-3
+    # the old run's marker would have vouched for a folder holding the new run's half-written files
+    assert not (run_copy / "stage-0-lora" / "checkpoint-3" / MARKER_NAME).exists()
+
+
+# ------------------------------------------------------------------ 8. another adapter configuration
+@pytest.mark.parametrize(
+    ("overrides", "pieces"),
+    [
+        (dict(r=8), ["r: checkpoint 4, this run 8"]),
+        (dict(intervention_positions="f1+l1"), ["intervention_positions: checkpoint 'f2+l2', this run 'f1+l1'"]),
+        (dict(target_modules=["q_proj"]), ["target_modules: checkpoint ['q_proj', 'v_proj'], this run ['q_proj']"]),
+        (
+            dict(share_intervention_weights=True, intervention_rank=3),
+            [
+                "intervention_rank: checkpoint 2, this run 3",
+                "share_intervention_weights: checkpoint False, this run True",
+            ],
+        ),
+    ],
+)
+def test_resume_with_another_heft_config_names_the_fields_and_both_values(finished_run, overrides, pieces):
+    checkpoint = finished_run / "stage-0-lora" / "checkpoint-3"
+    trainer = make_trainer(finished_run, config=peft_config(**overrides), **CHECKPOINT_ARGS)
+    with pytest.raises(ValueError) as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert_pieces(error, f"Checkpoint {checkpoint} was trained with another adapter configuration", *pieces)
+    assert_pieces(error, "adapter_config.json", "new output_dir")
+
+
+def test_same_adapter_written_differently_resumes(run_copy):
+    # a set of target modules in another order is the same adapter (the checkpoint's JSON lists them in any order)
+    config = peft_config(target_modules={"v_proj", "q_proj"})
+    out = make_trainer(run_copy, config=config, **CHECKPOINT_ARGS).train(
+        resume_from_checkpoint=str(run_copy / "stage-1-reft" / "checkpoint-3")
+    )
+    assert out.metrics["reft_train_steps"] == 4
+    # [-2, -1] are layers [0, 1] of the 2-layer model: not a difference for the resume check
+    from peft_heft.trainer.staged_sft import _check_same_adapter
+
+    _check_same_adapter(
+        str(run_copy / "stage-1-reft" / "checkpoint-3"), peft_config(intervention_layers=[-2, -1]), "default"
+    )
+
+
+def test_an_unreadable_marker_counts_as_an_incomplete_checkpoint(run_copy):
+    newest = run_copy / "stage-1-reft" / "checkpoint-4"
+    (newest / MARKER_NAME).write_text('{"format": 2, "stage_in')
+    assert str(newest) not in [c[2] for c in complete_checkpoints(str(run_copy))]
+    with pytest.raises(ValueError) as error:
+        make_trainer(run_copy, **CHECKPOINT_ARGS).train(resume_from_checkpoint=str(newest))
+    assert_pieces(error, f"Checkpoint {newest} is incomplete", "checkpoint-3")

@@ -3,6 +3,12 @@
 `Trainer` writes a checkpoint file by file. A checkpoint of [`StagedSFTTrainer`] counts as complete only once
 ``heft_checkpoint.json`` is in it: that file is written last, after every other file is flushed to disk, through a
 temporary file and an atomic rename. A crash mid-save leaves a folder without it, which resuming refuses.
+
+The marker also lists every file of the checkpoint with its size in bytes (format 2). Before resuming, each listed
+file must still be there with that size, and the files are checked without loading them: a safetensors file's header
+must describe exactly the bytes that follow it, a file written by ``torch.save`` (a zip archive) must have its central
+directory at the end, and a JSON file must parse. Nothing is unpickled. Markers without a file list (format 1) get the
+content checks only.
 """
 
 from __future__ import annotations
@@ -10,6 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
+import zipfile
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 MARKER_NAME = "heft_checkpoint.json"
 _STAGE_DIR_RE = re.compile(r"^stage-(\d+)-(lora|reft|joint)$")
@@ -52,12 +64,89 @@ def write_json_atomic(path: str, payload: dict) -> None:
     _fsync_path(os.path.dirname(path) or ".")
 
 
+def checkpoint_files(folder: str) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every file under ``folder`` but the marker (and its temporary file)."""
+    files: dict[str, int] = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder).replace(os.sep, "/")
+            if relative == MARKER_NAME or relative.startswith(f"{MARKER_NAME}.tmp-"):
+                continue
+            files[relative] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def _safetensors_problem(path: str, size: int) -> str | None:
+    """Why the safetensors file ``path`` is not whole, from its header alone, or ``None``."""
+    if size < 8:
+        return f"is {size} bytes, shorter than a safetensors header"
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        if 8 + header_size > size:
+            return f"is {size} bytes, but its header alone announces {8 + header_size}"
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError:
+            return "has an unreadable safetensors header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        return f"is {size} bytes, but its header describes {expected} (it was cut off)"
+    return None
+
+
+def _content_problem(path: str, size: int) -> str | None:
+    """Checks that read no pickle: safetensors headers, zip directories of ``torch.save`` files, JSON syntax."""
+    if path.endswith(".safetensors"):
+        return _safetensors_problem(path, size)
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        except ValueError:
+            return "is not valid JSON (cut off?)"
+        return None
+    if path.endswith((".pt", ".pth", ".bin")):
+        with open(path, "rb") as handle:
+            is_zip = handle.read(4) == b"PK\x03\x04"  # torch.save's format; the legacy format cannot be checked
+        if is_zip:
+            try:
+                with zipfile.ZipFile(path):  # reads the central directory at the end of the file only
+                    pass
+            except (zipfile.BadZipFile, OSError):
+                return "is not a whole torch.save archive (its end is missing: cut off?)"
+    return None
+
+
+def checkpoint_problem(checkpoint: str, marker: dict) -> str | None:
+    """What is wrong with the files of a checkpoint that has a marker, naming the file, or ``None`` if it is whole."""
+    listed = marker.get("files")
+    if isinstance(listed, dict):
+        for relative, expected in listed.items():
+            path = os.path.join(checkpoint, relative)
+            if not os.path.isfile(path):
+                return f"{relative} is missing (the marker lists it, {expected} bytes)"
+            size = os.path.getsize(path)
+            if size != int(expected):
+                return f"{relative} is {size} bytes, but it was {expected} bytes when the checkpoint was written"
+    for relative, size in checkpoint_files(checkpoint).items():
+        problem = _content_problem(os.path.join(checkpoint, relative), size)
+        if problem is not None:
+            return f"{relative} {problem}"
+    return None
+
+
 def read_marker(checkpoint: str) -> dict | None:
     path = os.path.join(checkpoint, MARKER_NAME)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except ValueError:
+        return None  # not written by write_json_atomic (which never leaves half a file): not a complete checkpoint
+    return marker if isinstance(marker, dict) else None
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, int, str]]:
@@ -80,7 +169,11 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, int, str]]:
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: str, stage_order: list[str]) -> tuple:
-    """Checkpoint path and its marker for ``train(resume_from_checkpoint=...)``, with clear errors."""
+    """Checkpoint path and its marker for ``train(resume_from_checkpoint=...)``, with clear errors.
+
+    With ``True``, the newest complete checkpoint whose files are whole; a damaged newer one is skipped with a
+    warning naming it and its broken file. With a path, a damaged checkpoint is an error naming the broken file.
+    """
     if resume_from_checkpoint is True:
         found = complete_checkpoints(output_dir)
         if not found:
@@ -88,7 +181,22 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: st
                 f"resume_from_checkpoint=True, but {output_dir} holds no complete HEFT checkpoint "
                 f"(stage-<i>-<stage>/checkpoint-<step> with {MARKER_NAME})."
             )
-        path = found[-1][2]
+        skipped = []
+        for _, _, candidate in reversed(found):
+            problem = checkpoint_problem(candidate, read_marker(candidate) or {})
+            if problem is None:
+                path = candidate
+                break
+            logger.warning(
+                f"Skipping checkpoint {candidate}: {problem}. Resuming from the previous complete checkpoint instead."
+            )
+            skipped.append(f"{candidate}: {problem}")
+        else:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but every checkpoint in {output_dir} is damaged: "
+                + "; ".join(skipped)
+                + ". Train from scratch (resume_from_checkpoint=None), or restore the files."
+            )
     else:
         path = str(resume_from_checkpoint)
         if not os.path.isdir(path):
@@ -100,6 +208,18 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: st
         raise ValueError(
             f"Checkpoint {path} is incomplete: it has no {MARKER_NAME}, so its save was interrupted (or it was not "
             f"written by StagedSFTTrainer). Resume from a complete checkpoint instead.{hint}"
+        )
+    problem = checkpoint_problem(path, marker)
+    if problem is not None:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        others = [
+            c for _, _, c in reversed(complete_checkpoints(run_dir)) if os.path.abspath(c) != os.path.abspath(path)
+        ]
+        whole = next((c for c in others if checkpoint_problem(c, read_marker(c) or {}) is None), None)
+        hint = f" The latest whole checkpoint is {whole}." if whole else ""
+        raise ValueError(
+            f"Checkpoint {path} is damaged: {problem}. Resume from another checkpoint, or pass "
+            f"resume_from_checkpoint=True to take the newest whole one.{hint}"
         )
     if list(marker["stage_order"]) != list(stage_order):
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,6 +28,7 @@ from ..modelcard import loading_snippet, update_model_card
 from .callbacks import StageProgressCallback
 from .checkpoints import (
     MARKER_NAME,
+    checkpoint_files,
     fsync_tree,
     resolve_resume_checkpoint,
     stage_dir_name,
@@ -228,6 +230,8 @@ class StagedSFTTrainer(SFTTrainer):
             resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"  # from the command line
         if resume_from_checkpoint not in (None, False):
             checkpoint, marker = resolve_resume_checkpoint(resume_from_checkpoint, self._output_dir, stages)
+            adapter = self.model.active_adapter
+            _check_same_adapter(checkpoint, self.model.peft_config[adapter], adapter)
             start = int(marker["stage_index"])
             self._completed_stages = {k: dict(v) for k, v in marker.get("completed_stages", {}).items()}
             self.stage_log_history = list(marker.get("stage_log_history", []))
@@ -372,6 +376,11 @@ class StagedSFTTrainer(SFTTrainer):
         return os.path.join(run_dir, stage_dir_name(self._stage_index, self._stage_name))
 
     def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        stale_marker = os.path.join(folder, MARKER_NAME)
+        if self.args.should_save and os.path.isfile(stale_marker):
+            os.remove(stale_marker)  # rewriting a checkpoint of an earlier run: incomplete until the new marker lands
         # Rotation must not delete an older complete checkpoint before the new one is complete: run it after the marker
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
@@ -379,21 +388,22 @@ class StagedSFTTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        # every rank writes its own RNG state into the folder: the marker's file list must come after all of them
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
-        run_dir = self._get_output_dir(trial)
-        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         fsync_tree(folder)
         write_json_atomic(
             os.path.join(folder, MARKER_NAME),
             {
-                "format": 1,
+                "format": 2,
                 "stage_index": self._stage_index,
                 "stage": self._stage_name,
                 "stage_order": list(self.args.stage_order),
                 "global_step": self.state.global_step,
                 "completed_stages": self._completed_stages,
                 "stage_log_history": self.stage_log_history,
+                "files": checkpoint_files(folder),
             },
         )
         rotate_checkpoints(
@@ -714,3 +724,92 @@ def _report_dropped_rows(before: int, after: int, args: HeftSFTConfig, dataset_n
         f"max_length={args.max_length} left them no completion token to learn (their prompt fills max_length). "
         "Raise max_length to keep them."
     )
+
+
+# Adapter settings that change what the saved weights are or how they are applied (and dropouts, which change how a
+# resumed run trains): a checkpoint resumed under another value would load wrongly, fail to load, or train differently.
+_ADAPTER_FIELDS = (
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "target_parameters",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "bias",
+    "lora_bias",
+    "fan_in_fan_out",
+    "use_rslora",
+    "use_dora",
+    "trainable_token_indices",
+    "intervention_layers",
+    "intervention_type",
+    "intervention_rank",
+    "intervention_positions",
+    "intervention_component",
+    "share_intervention_weights",
+    "intervention_dropout",
+    "intervention_act_fn",
+    "intervention_add_bias",
+    "base_model_hidden_size",
+    "base_model_num_layers",
+)
+
+
+def _comparable(field: str, value, num_layers) -> Any:
+    value = getattr(value, "value", value)  # enums (task_type) compare by their string
+    if isinstance(value, (set, frozenset, tuple, list)):
+        value = [_comparable(field, v, None) for v in value]
+        if field != "intervention_layers":
+            return sorted(value, key=repr)
+    if field == "intervention_layers" and isinstance(num_layers, int) and num_layers > 0:
+        if value == "all":
+            return list(range(num_layers))
+        if isinstance(value, int):
+            value = [value]
+        if isinstance(value, list):
+            return [i % num_layers if isinstance(i, int) else i for i in value]
+    return value
+
+
+def _shown(field: str, value) -> Any:
+    """A setting as the error message shows it: module lists (saved from sets, in any order) sorted."""
+    value = getattr(value, "value", value)
+    if isinstance(value, (set, frozenset)) or (isinstance(value, list) and field != "intervention_layers"):
+        return sorted(value, key=str)
+    return value
+
+
+def _check_same_adapter(checkpoint: str, config, adapter_name: str) -> None:
+    """Resuming under another adapter configuration silently mixes two setups (or fails in load_state_dict)."""
+    path = os.path.join(checkpoint, "adapter_config.json")
+    if not os.path.isfile(path):
+        path = os.path.join(checkpoint, adapter_name, "adapter_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    num_layers = getattr(config, "base_model_num_layers", None) or saved.get("base_model_num_layers")
+    differences = []
+    for field in _ADAPTER_FIELDS:
+        if field not in saved or not hasattr(config, field):
+            continue  # an older config without the field
+        if field.startswith("base_model_") and None in (saved[field], getattr(config, field)):
+            continue  # filled in when the adapter is created: not yet known on a config alone
+        theirs = _comparable(field, saved[field], num_layers)
+        ours = _comparable(field, getattr(config, field), num_layers)
+        if theirs != ours:
+            shown = [_shown(field, value) for value in (saved[field], getattr(config, field))]
+            differences.append(f"{field}: checkpoint {shown[0]!r}, this run {shown[1]!r}")
+    if differences:
+        raise ValueError(
+            f"Checkpoint {checkpoint} was trained with another adapter configuration than this run's peft_config: "
+            + "; ".join(differences)
+            + ". Resume with the checkpoint's settings (its adapter_config.json), or train from scratch in a new "
+            "output_dir."
+        )
