@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset
 from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
 
-from peft_heft import HeftConfig, StagedSFTTrainer
+from peft_heft import HeftCallback, HeftConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, checkpoint_problem, complete_checkpoints, read_marker
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -286,6 +286,7 @@ def test_marker_lists_every_file_with_its_size(finished_run):
     files = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.name != MARKER_NAME}
     assert marker["format"] == 2 and marker["files"] == files
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(files)
+    assert marker["stage_train_loss"]["steps"] == 4
     assert checkpoint_problem(str(checkpoint), marker) is None
 
 
@@ -415,6 +416,58 @@ def test_same_adapter_written_differently_resumes(run_copy):
     _check_same_adapter(
         str(run_copy / "stage-1-reft" / "checkpoint-3"), peft_config(intervention_layers=[-2, -1]), "default"
     )
+
+
+# ------------------------------------------------------------------ 9. train_loss of a resumed run
+class CrashAt(HeftCallback):
+    def __init__(self, stage, step):
+        self.stage, self.step, self.current = stage, step, None
+
+    def on_stage_begin(self, args, state, control, stage=None, **kwargs):
+        self.current = stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.current == self.stage and state.global_step == self.step:
+            raise Crash(f"killed in {self.stage} at step {self.step}")
+
+
+LOSS_KEYS = ("train_loss", "lora_train_loss", "reft_train_loss")
+
+
+@pytest.mark.parametrize(
+    ("crash_stage", "crash_step", "logging_steps"),
+    [("lora", 5, 1), ("reft", 4, 1), ("lora", 5, 2)],  # logging_steps=2: the checkpoint at step 3 is between logs
+)
+def test_resumed_train_loss_equals_the_uninterrupted_runs(tmp_path, crash_stage, crash_step, logging_steps):
+    args = dict(lora_max_steps=6, reft_max_steps=5, save_strategy="steps", save_steps=3, warmup_steps=1)
+    args["logging_steps"] = logging_steps
+    reference = make_trainer(tmp_path / "ref", **args).train()
+    with pytest.raises(Crash):
+        make_trainer(tmp_path / "run", callbacks=[CrashAt(crash_stage, crash_step)], **args).train()
+    resumed_trainer = make_trainer(tmp_path / "run", **args)
+    resumed = resumed_trainer.train(resume_from_checkpoint=True)
+    for key in LOSS_KEYS:
+        assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-6, abs=1e-6), key
+    assert resumed.training_loss == pytest.approx(reference.training_loss, rel=1e-6, abs=1e-6)
+    # the stage's own log entry reports the whole stage's loss too
+    logged = [
+        e["train_loss"]
+        for e in resumed_trainer.state.log_history
+        if e.get("stage") == crash_stage and "train_loss" in e
+    ]
+    assert logged[-1] == pytest.approx(reference.metrics[f"{crash_stage}_train_loss"], rel=1e-6)
+
+
+def test_train_loss_after_resuming_from_a_stage_ending_checkpoint(tmp_path):
+    args = dict(lora_max_steps=6, reft_max_steps=3, save_strategy="steps", save_steps=3, logging_steps=4)
+    reference = make_trainer(tmp_path / "ref", **args).train()
+    with pytest.raises(Crash):
+        make_trainer(tmp_path / "run", callbacks=[CrashAt("reft", 1)], **args).train()
+    assert complete_checkpoints(str(tmp_path / "run"))[-1][:2] == (0, 6)  # the LoRA stage's last step
+    resumed = make_trainer(tmp_path / "run", **args).train(resume_from_checkpoint=True)
+    # logging every 4 steps: the mean of the logged losses (the old estimate) is not the stage's loss; the total is
+    for key in LOSS_KEYS:
+        assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-6, abs=1e-6), key
 
 
 def test_an_unreadable_marker_counts_as_an_incomplete_checkpoint(run_copy):

@@ -114,6 +114,9 @@ class StagedSFTTrainer(SFTTrainer):
         _check_output_dir(args)
         self._stage_index: int | None = None
         self._stage_name: str | None = None
+        # total (not mean) training loss of the resumed stage's steps before its checkpoint, from the marker
+        self._resume_loss_total = 0.0
+        self._stage_loss_offset = 0.0
         self._completed_stages: dict[str, dict[str, float]] = {}
         self.stage_log_history: list[dict[str, Any]] = []
         super().__init__(
@@ -235,7 +238,7 @@ class StagedSFTTrainer(SFTTrainer):
             start = int(marker["stage_index"])
             self._completed_stages = {k: dict(v) for k, v in marker.get("completed_stages", {}).items()}
             self.stage_log_history = list(marker.get("stage_log_history", []))
-            start, checkpoint = self._skip_finished_stage(start, stages, checkpoint)
+            start, checkpoint = self._skip_finished_stage(start, stages, checkpoint, marker)
         else:
             self._completed_stages, self.stage_log_history = {}, []
         total_start = time.time()
@@ -249,18 +252,20 @@ class StagedSFTTrainer(SFTTrainer):
         self.state.log_history = list(self.stage_log_history)
         return self._combined_output(stages, time.time() - total_start)
 
-    def _skip_finished_stage(self, index: int, stages: list[str], checkpoint: str) -> tuple[int, str | None]:
+    def _skip_finished_stage(
+        self, index: int, stages: list[str], checkpoint: str, marker: dict | None = None
+    ) -> tuple[int, str | None]:
         """A checkpoint taken at a stage's last step closes that stage: load it and start the next stage fresh."""
         state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self._resume_loss_total = _resumed_loss_total(marker or {}, state)
         if not (state.max_steps > 0 and state.global_step >= state.max_steps):
             return index, checkpoint
         self._stage_index, self._stage_name = index, stages[index]
         self._load_from_checkpoint(checkpoint)
-        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-        # the stage's train_loss is the mean of its logged losses (its running total is not in the checkpoint)
+        # the stage's train_loss, as Trainer computes it: the total loss of its steps over their number
         self._completed_stages[stages[index]] = {
             "train_steps": state.global_step,
-            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+            "train_loss": self._resume_loss_total / state.global_step if state.global_step else math.nan,
         }
         self.stage_log_history.extend(state.log_history)
         return index + 1, None
@@ -279,6 +284,7 @@ class StagedSFTTrainer(SFTTrainer):
         saved = {option: getattr(args, option) for option in PER_STAGE_OPTIONS}
         for option, value in args.stage_options(stage).items():
             setattr(args, option, value)
+        self._stage_loss_offset = self._resume_loss_total if checkpoint is not None else 0.0
         self._call_stage_event("on_stage_begin")
         try:
             output = super().train(
@@ -286,6 +292,14 @@ class StagedSFTTrainer(SFTTrainer):
             )
             metrics = dict(output.metrics)
             metrics["train_steps"] = output.global_step
+            if checkpoint is not None:
+                # Trainer's train_loss covers only the steps of this call: add the steps before the checkpoint back
+                total = self._stage_loss_offset + self._total_loss_scalar
+                metrics["train_loss"] = total / output.global_step if output.global_step else math.nan
+                for entry in reversed(self.state.log_history):
+                    if "train_loss" in entry:
+                        entry["train_loss"] = metrics["train_loss"]
+                        break
             if self.eval_dataset is not None and not self._evaluated_at_last_step():
                 metrics.update(self.evaluate())
             else:
@@ -392,6 +406,10 @@ class StagedSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
+        # the stage's running loss total so far (drained into _total_loss_scalar at each log, the rest in _tr_loss)
+        tr_loss = getattr(self, "_tr_loss", None)
+        stage_loss = self._stage_loss_offset + getattr(self, "_total_loss_scalar", 0.0)
+        stage_loss += float(tr_loss.item()) if tr_loss is not None else 0.0
         fsync_tree(folder)
         write_json_atomic(
             os.path.join(folder, MARKER_NAME),
@@ -403,6 +421,7 @@ class StagedSFTTrainer(SFTTrainer):
                 "global_step": self.state.global_step,
                 "completed_stages": self._completed_stages,
                 "stage_log_history": self.stage_log_history,
+                "stage_train_loss": {"total": stage_loss, "steps": self.state.global_step},
                 "files": checkpoint_files(folder),
             },
         )
@@ -813,3 +832,18 @@ def _check_same_adapter(checkpoint: str, config, adapter_name: str) -> None:
             + ". Resume with the checkpoint's settings (its adapter_config.json), or train from scratch in a new "
             "output_dir."
         )
+
+
+def _resumed_loss_total(marker: dict, state: TrainerState) -> float:
+    """Total training loss of a stage's steps up to its checkpoint (what Trainer's train_loss is a mean of)."""
+    recorded = marker.get("stage_train_loss")
+    if isinstance(recorded, dict) and int(recorded.get("steps", -1)) == state.global_step:
+        return float(recorded["total"])
+    # markers from before the total was recorded: rebuild it from the logged losses, each the mean of the steps since
+    # the log before it (exact when the checkpoint step was logged, short of the steps after the last log otherwise)
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (int(entry["step"]) - previous)
+            previous = int(entry["step"])
+    return total
