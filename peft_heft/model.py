@@ -524,21 +524,34 @@ class HeftModel(LoraModel):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = set(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
-        marker = f"{INTERVENTIONS_ATTR}."
+        own = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        expected = set(own)
+        markers = (f"{INTERVENTIONS_ATTR}.", cls.prefix)
         missing = sorted(k for k in expected if k not in remapped)
-        unexpected = sorted(k for k in remapped if marker in k and k not in expected)
+        unexpected = sorted(k for k in remapped if any(m in k for m in markers) and k not in expected)
         if missing or unexpected:
             parts = []
             if missing:
                 parts.append(f"missing {len(missing)} weight(s), e.g. {missing[:3]}")
             if unexpected:
-                parts.append(f"{len(unexpected)} unexpected intervention weight(s), e.g. {unexpected[:3]}")
+                parts.append(f"{len(unexpected)} unexpected LoRA or intervention weight(s), e.g. {unexpected[:3]}")
             raise ValueError(
                 f"The HEFT adapter checkpoint does not match adapter {adapter_name!r} built from its config: "
                 + "; ".join(parts)
-                + ". The adapter file is incomplete or belongs to a different configuration; nothing was loaded "
-                "at random."
+                + ". The adapter file is incomplete, has extra tensors, or belongs to a different configuration "
+                "(target_modules, layers_to_transform, intervention_layers or positions edited?); nothing was loaded "
+                "at random and nothing was dropped."
+            )
+        wrong = [(k, tuple(remapped[k].shape), tuple(own[k].shape)) for k in sorted(expected) if k in remapped]
+        wrong = [item for item in wrong if item[1] != item[2]]
+        if wrong:
+            key, got, want = wrong[0]
+            raise ValueError(
+                f"The HEFT adapter checkpoint has {len(wrong)} tensor(s) of another shape than adapter "
+                f"{adapter_name!r} built from its config, e.g. {key}: {got} in the file, {want} from the config "
+                f"(r={config.r}, intervention_rank={config.intervention_rank}). adapter_config.json's r, rank_pattern "
+                "or intervention_rank was edited, or the weights belong to another adapter: restore the config that "
+                "was saved with these weights."
             )
         tuner = _find_heft_tuner(model)
         if tuner is not None and not config.inference_mode and adapter_name in tuner.active_adapters:

@@ -139,7 +139,7 @@ def test_unexpected_intervention_weight_is_an_error(tmp_path):
     model.save_pretrained(tmp_path)
     extra = "base_model.heft_interventions.layer2_first.learned_source.weight"
     _rewrite(tmp_path / "adapter_model.safetensors", lambda w: w.__setitem__(extra, torch.zeros(2, 32)))
-    with pytest.raises(ValueError, match="1 unexpected intervention weight"):
+    with pytest.raises(ValueError, match="1 unexpected LoRA or intervention weight"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
