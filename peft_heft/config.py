@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft import LoraConfig
 from peft.utils.peft_types import PeftType
@@ -12,6 +13,9 @@ from .interventions import get_intervention_class
 from .positions import PositionSpec
 
 SUPPORTED_COMPONENTS = ("block_output",)
+# The most positions one side of a position spec may name ("f8192", "l8192"): locations are a (batch, groups, n)
+# tensor whatever the prompt length, so "f100000000" would allocate gigabytes. "all" covers every prompt token.
+MAX_INTERVENTION_POSITIONS = 8192
 
 
 @dataclass
@@ -20,7 +24,9 @@ class HeftConfig(LoraConfig):
 
     All :class:`peft.LoraConfig` arguments keep their names and meaning (``r``, ``lora_alpha``, ``target_modules``,
     ``use_dora``, ``use_rslora``, ``layers_to_transform``, ``modules_to_save``, ``init_lora_weights`` ...). The
-    intervention arguments follow pyreft's vocabulary.
+    intervention arguments follow pyreft's vocabulary. They are type-checked, never coerced: bool options take
+    `True`/`False` (not `"no"`), int options an int (not a bool or a string), so a wrong type is a `TypeError`
+    naming the option, the value and its type.
 
     Args:
         intervention_layers (`list[int]`, `int` or `"all"`):
@@ -30,7 +36,8 @@ class HeftConfig(LoraConfig):
         intervention_rank (`int`):
             Rank of each intervention (pyreft's `low_rank_dimension`).
         intervention_positions (`str`):
-            Prompt positions to intervene on: `"f<n>"`, `"l<n>"`, `"f<n>+l<n>"` or `"all"`.
+            Prompt positions to intervene on: `"f<n>"`, `"l<n>"`, `"f<n>+l<n>"` or `"all"`, with n at most
+            `MAX_INTERVENTION_POSITIONS` (8192) per side; `"all"` covers every prompt token.
         intervention_component (`str`):
             Where in the layer to intervene. Only `"block_output"` (the decoder layer's output) is supported.
         share_intervention_weights (`bool`):
@@ -94,32 +101,39 @@ class HeftConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = PeftType.HEFT  # type: ignore[attr-defined]  # member added at import by registration.py
 
-        layers = self.intervention_layers
-        if isinstance(layers, str):
-            if layers != "all":
-                raise ValueError(f"intervention_layers must be 'all', an int or a list of ints, got {layers!r}.")
-        elif isinstance(layers, bool):
-            raise TypeError("intervention_layers must be 'all', an int or a list of ints, got a bool.")
-        elif isinstance(layers, int):
-            self.intervention_layers = [layers]
-        else:
-            layers = list(layers)
-            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-                raise ValueError(f"intervention_layers must be a non-empty list of ints or 'all', got {layers!r}.")
-            self.intervention_layers = layers
-
-        if not isinstance(self.intervention_rank, int) or self.intervention_rank < 1:
-            raise ValueError(f"intervention_rank must be a positive int, got {self.intervention_rank!r}.")
-        PositionSpec.parse(self.intervention_positions)
-        if self.intervention_component not in SUPPORTED_COMPONENTS:
-            raise ValueError(
-                f"intervention_component {self.intervention_component!r} is not supported; use one of "
-                f"{SUPPORTED_COMPONENTS}."
-            )
-        if not 0.0 <= float(self.intervention_dropout) < 1.0:
-            raise ValueError(f"intervention_dropout must be in [0, 1), got {self.intervention_dropout}.")
+        self.intervention_layers = _checked_layers(self.intervention_layers)
+        self.intervention_type = _checked(str, "intervention_type", self.intervention_type, example="'loreft'")
         get_intervention_class(self.intervention_type)
+        self.intervention_rank = _checked(int, "intervention_rank", self.intervention_rank, example="4")
+        if self.intervention_rank < 1:
+            raise ValueError(
+                f"intervention_rank must be a positive int, got {self.intervention_rank!r}; pyreft uses 1-8."
+            )
+        positions = _checked(str, "intervention_positions", self.intervention_positions, example="'f7+l7'")
+        spec = PositionSpec.parse(positions)
+        widest = max(spec.first, spec.last)
+        if widest > MAX_INTERVENTION_POSITIONS:
+            raise ValueError(
+                f"intervention_positions {positions!r} asks for {widest} positions per side; at most "
+                f"{MAX_INTERVENTION_POSITIONS} are allowed. Intervention locations are a batch x groups x n tensor "
+                "whatever the prompt length, so such an n allocates gigabytes although each row only has its own "
+                "real tokens (each side is clipped to half of them). To intervene on every prompt token use 'all'; "
+                f"else give a count <= {MAX_INTERVENTION_POSITIONS}, e.g. 'f7+l7'."
+            )
+        component = _checked(str, "intervention_component", self.intervention_component, example="'block_output'")
+        if component not in SUPPORTED_COMPONENTS:
+            raise ValueError(
+                f"intervention_component {component!r} is not supported; use one of {SUPPORTED_COMPONENTS}."
+            )
+        self.share_intervention_weights = _checked(bool, "share_intervention_weights", self.share_intervention_weights)
+        self.intervention_add_bias = _checked(bool, "intervention_add_bias", self.intervention_add_bias)
+        self.intervention_dropout = _checked(float, "intervention_dropout", self.intervention_dropout, example="0.1")
+        if not 0.0 <= self.intervention_dropout < 1.0:
+            raise ValueError(
+                f"intervention_dropout must be in [0, 1), got {self.intervention_dropout!r}; 0.0 turns dropout off."
+            )
         if self.intervention_act_fn is not None:
+            _checked(str, "intervention_act_fn", self.intervention_act_fn, example="'relu' (or None for linear)")
             from transformers.activations import ACT2FN
 
             if self.intervention_act_fn not in ACT2FN:
@@ -127,6 +141,16 @@ class HeftConfig(LoraConfig):
                     f"Unknown intervention_act_fn {self.intervention_act_fn!r}; use a key of "
                     "transformers.activations.ACT2FN (e.g. 'relu', 'gelu') or None."
                 )
+        for name in ("base_model_hidden_size", "base_model_num_layers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = _checked(int, name, value, example="None (get_peft_model fills it in) or an int such as 576")
+            if value < 1:
+                raise ValueError(
+                    f"{name} must be a positive int or None, got {value!r}; leave it None: get_peft_model fills it in."
+                )
+            setattr(self, name, value)
 
     @property
     def position_spec(self) -> PositionSpec:
@@ -135,6 +159,72 @@ class HeftConfig(LoraConfig):
     @property
     def num_position_groups(self) -> int:
         return self.position_spec.num_groups(self.share_intervention_weights)
+
+
+_KINDS = {bool: "a bool (True or False)", int: "an int", float: "a number (float)", str: "a string"}
+
+
+def _checked(kind: type, name: str, value: Any, example: str | None = None) -> Any:
+    """``value`` when it is really of ``kind``, else a ``TypeError`` naming the field, the value, its type and the fix.
+
+    Nothing is coerced: a bool is not an int (``True`` would be rank 1), a string is not a bool (``"no"`` is truthy)
+    and a string is not a number. Integral and real numbers of other types (e.g. numpy's) become plain int / float.
+    """
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return value if kind is str else kind(value)
+    fix = f"pass {name}={example}" if example else f"pass {name}=True or {name}=False"
+    if kind is bool and isinstance(value, str):
+        fix += f"; a string is not read as a bool (any non-empty string, {value!r} too, would count as True)"
+    elif kind is not bool and isinstance(value, bool):
+        fix += f"; a bool is not {_KINDS[kind]} (True would count as 1)"
+    elif kind in (int, float) and isinstance(value, str):
+        fix += "; a number, not a string"
+    elif kind is int and isinstance(value, float):
+        fix += "; an int, not a float"
+    raise TypeError(f"{name} must be {_KINDS[kind]}, got {value!r} of type {type(value).__name__}; {fix}.")
+
+
+def _checked_layers(layers: Any) -> list[int] | Literal["all"]:
+    """``intervention_layers`` as ``"all"`` or a non-empty list of distinct ints; anything else is refused."""
+    fix = "pass 'all', one int (e.g. 3) or a list of ints (e.g. [1, 3, -1]; negatives count from the end)"
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(
+                f"intervention_layers must be 'all', an int or a list of ints, got the string {layers!r}; {fix}. "
+                "(heft-sft --intervention_layers parses text such as '1,3' into a list for you.)"
+            )
+        return "all"
+    if isinstance(layers, bool) or not isinstance(layers, (numbers.Integral, list, tuple, range)):
+        raise TypeError(
+            f"intervention_layers must be 'all', an int or a list of ints, got {layers!r} of type "
+            f"{type(layers).__name__}; {fix}."
+        )
+    if isinstance(layers, numbers.Integral):
+        return [int(layers)]
+    values = list(layers)
+    if not values:
+        raise ValueError(f"intervention_layers must be a non-empty list of ints or 'all', got {layers!r}; {fix}.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"intervention_layers={layers!r} holds {value!r} of type {type(value).__name__}; layer indices are "
+                f"ints: {fix}."
+            )
+    values = [int(v) for v in values]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"intervention_layers={values} lists layer {repeated[0]} more than once; list each layer once."
+        )
+    return values
 
 
 def _check_safetensors_header(path: str) -> None:
