@@ -1,4 +1,4 @@
-"""HeftConfig refuses wrong types and useless values early, naming the option, the value and the fix.
+"""HeftConfig and HeftSFTConfig refuse wrong types and useless values early, naming the option, the value and the fix.
 
 Nothing is coerced: a truthy string is not True, a bool is not rank 1, a string is not a number.
 """
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_heft import HeftConfig
+from peft_heft import HeftConfig, HeftSFTConfig
 from peft_heft.config import MAX_INTERVENTION_POSITIONS
 
 
@@ -97,3 +97,78 @@ def test_heft_config_keeps_valid_values_of_other_number_types_as_plain_python_va
     # the cap itself is allowed, and "all" has no count
     assert heft(intervention_positions=f"f{MAX_INTERVENTION_POSITIONS}").position_spec.first == 8192
     assert heft(intervention_positions="all").position_spec.all
+
+
+# ---------------------------------------------------------------------------------------------------- HeftSFTConfig
+
+
+def sft(tmp_path, **kwargs) -> HeftSFTConfig:
+    return HeftSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **kwargs)
+
+
+LEARNING_RATES = {
+    # a global 0 trains nothing in every stage that falls back to it: the first such stage is named
+    "global-zero": ({"learning_rate": 0}, ["Stage 'lora'", "falls back to learning_rate=0", "lora_learning_rate > 0"]),
+    "global-zero-reft-falls-back": (
+        {"learning_rate": 0.0, "lora_learning_rate": 1e-3},
+        ["Stage 'reft'", "reft_learning_rate is unset", "learning_rate=0.0", "Set reft_learning_rate > 0"],
+    ),
+    "global-negative-joint": (
+        {"learning_rate": -1e-4, "stage_order": ["joint"]},
+        ["Stage 'joint'", "learning_rate=-0.0001", "joint_learning_rate > 0"],
+    ),
+    "stage-negative": ({"lora_learning_rate": -1e-3}, ["Stage 'lora'", "lora_learning_rate=-0.001", "trains nothing"]),
+    "stage-nan": ({"reft_learning_rate": math.nan}, ["Stage 'reft'", "reft_learning_rate=nan", "not a finite"]),
+    "unlisted-stage-zero": ({"joint_learning_rate": 0}, ["joint_learning_rate must be > 0", "0"]),
+    "warmup-negative": ({"reft_warmup_steps": -1}, ["Stage 'reft'", "warmup -1", "reft_warmup_steps >= 0"]),
+}
+
+
+@pytest.mark.parametrize("kwargs, pieces", LEARNING_RATES.values(), ids=LEARNING_RATES.keys())
+def test_heft_sft_config_refuses_a_stage_that_would_train_nothing(tmp_path, kwargs, pieces):
+    with pytest.raises(ValueError) as info:
+        sft(tmp_path, **kwargs)
+    assert_pieces(info.value, pieces)
+
+
+def test_a_zero_global_learning_rate_is_fine_when_every_listed_stage_has_its_own(tmp_path):
+    args = sft(tmp_path, learning_rate=0, lora_learning_rate=1e-3, reft_learning_rate=2e-3)
+    assert [args.stage_options(s)["learning_rate"] for s in args.stage_order] == [1e-3, 2e-3]
+    # a stage that is not listed never trains, so it may fall back to 0
+    assert sft(tmp_path, learning_rate=0, stage_order=["reft"], reft_learning_rate=1e-3).stage_order == ["reft"]
+
+
+SFT_WRONG_TYPES = {
+    "max-steps-str": (
+        {"lora_max_steps": "5"},
+        ["lora_max_steps must be an int", "'5' of type str", "lora_max_steps=5"],
+    ),
+    "max-steps-float": ({"reft_max_steps": 2.0}, ["reft_max_steps", "2.0 of type float", "reft_max_steps=2"]),
+    "epochs-bool": (
+        {"reft_num_train_epochs": True},
+        ["reft_num_train_epochs", "True of type bool", "would count as 1", "None to use num_train_epochs"],
+    ),
+    "lr-str": ({"joint_learning_rate": "1e-3"}, ["joint_learning_rate", "'1e-3' of type str", "=1e-3"]),
+    "warmup-bool": ({"lora_warmup_steps": False}, ["lora_warmup_steps", "False of type bool"]),
+    "global-lr-str": ({"learning_rate": "2e-4"}, ["learning_rate must be a number", "'2e-4' of type str"]),
+    "merge-yes": ({"merge_lora_before_reft": "yes"}, ["merge_lora_before_reft", "'yes' of type str", "True or False"]),
+    "merge-int": ({"merge_lora_before_reft": 1}, ["merge_lora_before_reft", "1 of type int"]),
+    "stage-int": ({"stage_order": ["lora", 1]}, ["stage_order=['lora', 1]", "1 of type int", "'reft'"]),
+    "stage-none": ({"stage_order": None}, ["stage_order must be a list", "None of type NoneType", "['lora', 'reft']"]),
+}
+
+
+@pytest.mark.parametrize("kwargs, pieces", SFT_WRONG_TYPES.values(), ids=SFT_WRONG_TYPES.keys())
+def test_heft_sft_config_refuses_wrong_types(tmp_path, kwargs, pieces):
+    with pytest.raises(TypeError) as info:
+        sft(tmp_path, **kwargs)
+    assert_pieces(info.value, pieces)
+
+
+def test_heft_sft_config_keeps_good_values(tmp_path):
+    args = sft(
+        tmp_path, stage_order=("Reft", "lora"), lora_max_steps=5, reft_num_train_epochs=2, lora_warmup_steps=0.1
+    )
+    assert args.stage_order == ["reft", "lora"]
+    assert args.stage_options("lora")["max_steps"] == 5 and args.stage_options("reft")["num_train_epochs"] == 2
+    assert args.merge_lora_before_reft is False
