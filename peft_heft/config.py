@@ -227,50 +227,29 @@ def _checked_layers(layers: Any) -> list[int] | Literal["all"]:
     return values
 
 
-def _check_safetensors_header(path: str) -> None:
-    """Read only the header of ``path``, so a truncated or corrupt weights file fails here with its name."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except Exception as error:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}). It is probably truncated or corrupt: copy or "
-            "download the adapter again, or save it again with save_pretrained."
-        ) from error
-
-
-def _refuse_pickled_weights(config_cls):
-    """Wrap ``from_pretrained`` so a local HEFT adapter holding only pickled weights is refused early."""
+def _check_local_folder_on_load(config_cls):
+    """Wrap ``from_pretrained``: a local HEFT adapter folder is checked before anything is read from it (a save
+    interrupted by a kill is finished first; pickled-only, missing or corrupt weights are refused), and the config
+    read from it is compared with the settings its weights were saved with."""
     original = config_cls.from_pretrained.__func__
 
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         import os
 
+        from .saving import check_local_adapter_folder, check_settings
+
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
-        if os.path.isdir(folder):
-            has_safetensors = os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
-            pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
-            if pickled and not has_safetensors:
-                raise ValueError(
-                    f"{folder} holds HEFT weights only as {pickled[0]} (a pickle). peft-heft loads safetensors only, "
-                    "so that loading an adapter never runs code from it. Where you trust the file, convert it once to "
-                    "adapter_model.safetensors with safetensors.torch.save_file."
-                )
-            if not has_safetensors and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                raise FileNotFoundError(
-                    f"{folder} has adapter_config.json but no adapter_model.safetensors: the adapter's weights are "
-                    "missing (an interrupted copy or download?). Copy the whole adapter folder again, or save it again "
-                    "with save_pretrained."
-                )
-            if has_safetensors:
-                _check_safetensors_header(os.path.join(folder, "adapter_model.safetensors"))
-        return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        local = os.path.isdir(folder)
+        if local:
+            check_local_adapter_folder(folder)
+        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if local:
+            check_settings(folder, config)
+        return config
 
     from_pretrained.__doc__ = original.__doc__
     config_cls.from_pretrained = classmethod(from_pretrained)
     return config_cls
 
 
-_refuse_pickled_weights(HeftConfig)
+_check_local_folder_on_load(HeftConfig)

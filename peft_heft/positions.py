@@ -120,8 +120,10 @@ def compute_locations(
         cols = (start + j).clamp(0, seq_len - 1)
         return torch.where(j < taken, order.gather(1, cols), -1)
 
-    firsts = side(spec.first, first_n, torch.zeros_like(n_real)) if spec.first else None
-    lasts = side(spec.last, last_n, n_real - last_n) if spec.last else None
+    # a side never holds more than half the row: slots past that would only be -1 (and "f100000000" would allocate GBs)
+    first_slots, last_slots = min(spec.first, seq_len // 2), min(spec.last, seq_len // 2)
+    firsts = side(first_slots, first_n, torch.zeros_like(n_real)) if spec.first else None
+    lasts = side(last_slots, last_n, n_real - last_n) if spec.last else None
     if firsts is None:
         assert lasts is not None  # parse() refuses a spec with neither side
         return lasts.unsqueeze(1)
@@ -129,7 +131,7 @@ def compute_locations(
         return firsts.unsqueeze(1)
     if share_weights:
         return torch.cat([firsts, lasts], dim=1).unsqueeze(1)
-    width = max(spec.first, spec.last)
+    width = max(first_slots, last_slots)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
     return torch.stack([pad(firsts), pad(lasts)], dim=1)
 

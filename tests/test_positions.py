@@ -76,3 +76,10 @@ def test_normalize_explicit_locations():
         normalize_locations(torch.zeros(1, 1, 2), 1, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="-1 for an unused slot"):
         normalize_locations([[[-3]]], 1, 1, torch.device("cpu"))
+
+
+def test_huge_position_counts_allocate_only_what_the_row_can_hold():
+    spec = PositionSpec(first=100_000_000, last=100_000_000)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    locs = compute_locations(spec, mask, 1, 6, share_weights=False)
+    assert locs.tolist() == [[[1, 2, -1], [4, 5, -1]]]  # 5 real tokens: 2 a side, 3 slots (half the row) at most

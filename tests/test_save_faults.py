@@ -177,3 +177,27 @@ def test_pickles_and_bad_weights_are_refused_on_every_loading_path(tmp_path):
     torch.save({}, folder / "adapter_model.bin")
     with pytest.raises(ValueError, match="peft-heft loads safetensors only"):
         AutoPeftModelForCausalLM.from_pretrained(str(folder))
+
+
+def test_final_save_holds_no_pickle_and_its_card_names_the_output_folder(tmp_path):
+    from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
+
+    from peft_heft import HeftConfig, StagedSFTTrainer
+
+    out = tmp_path / "final"
+    trainer = StagedSFTTrainer(
+        tiny_sft_model(),
+        args=cpu_sft_args(str(tmp_path / "run"), lora_max_steps=1, reft_max_steps=1, learning_rate=1e-3),
+        train_dataset=make_dataset("prompt_completion", 8),
+        processing_class=tiny_tokenizer(),
+        peft_config=HeftConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], intervention_positions="f2"),
+    )
+    trainer.train()
+    trainer.save_model(str(out))
+    names = sorted(os.listdir(out))
+    assert "training_args.bin" not in names and not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    saved_args = json.loads((out / "training_args.json").read_text())
+    assert saved_args["lora_max_steps"] == 1 and saved_args["stage_order"] == ["lora", "reft"]
+    card = (out / "README.md").read_text()
+    assert STAGING_PREFIX not in card
+    assert not [n for n in names if n.startswith(STAGING_PREFIX)]

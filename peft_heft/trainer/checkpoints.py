@@ -21,6 +21,8 @@ import zipfile
 
 from transformers.utils import logging
 
+from ..fs import fsync_path
+
 logger = logging.get_logger(__name__)
 
 MARKER_NAME = "heft_checkpoint.json"
@@ -32,28 +34,6 @@ def stage_dir_name(index: int, stage: str) -> str:
     return f"stage-{index}-{stage}"
 
 
-def _fsync_path(path: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. directories on some filesystems
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str) -> None:
-    """Flush every file under ``folder`` (and the folders themselves) to disk."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            _fsync_path(os.path.join(root, name))
-        _fsync_path(root)
-
-
 def write_json_atomic(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -61,7 +41,7 @@ def write_json_atomic(path: str, payload: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_path(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def checkpoint_files(folder: str) -> dict[str, int]:

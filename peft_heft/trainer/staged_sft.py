@@ -15,7 +15,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import set_seed
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, rotate_checkpoints
 from transformers.utils import logging
@@ -23,13 +23,14 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
 from ..config import HeftConfig
+from ..fs import fsync_tree
 from ..model import HeftModel, _find_heft_tuner
 from ..modelcard import loading_snippet, update_model_card
+from ..saving import finish_interrupted_saves, new_staging_folder, replace_into
 from .callbacks import StageProgressCallback
 from .checkpoints import (
     MARKER_NAME,
     checkpoint_files,
-    fsync_tree,
     resolve_resume_checkpoint,
     stage_dir_name,
     write_json_atomic,
@@ -44,6 +45,7 @@ from .prompts import (
 )
 
 logger = logging.get_logger(__name__)
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 class StagedSFTTrainer(SFTTrainer):
@@ -433,31 +435,29 @@ class StagedSFTTrainer(SFTTrainer):
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the HEFT adapter (both stages' weights) to `output_dir`, replacing an earlier save atomically.
+        """Save the HEFT adapter (both stages' weights) to `output_dir`; an earlier save there stays loadable until
+        this one is complete.
 
-        The files are written to a temporary folder first and moved in afterwards; `adapter_config.json`, which makes
-        the folder loadable, is moved last, so an interrupted save never looks complete.
+        Everything is written into a staging folder inside `output_dir` and flushed to disk, the staging folder is
+        marked complete, and each file is moved over the old one with one atomic rename. A process killed at any
+        moment leaves the old adapter or the new one (a committed staging folder is finished by the next save or the
+        next load); staging folders of killed saves are removed by the next save. The training arguments are written
+        as `training_args.json` (no pickle in the folder, so `push_to_hub` uploads none).
         """
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self._output_dir
         os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".heft-save-", dir=output_dir)
+        finish_interrupted_saves(output_dir, remove_incomplete=True)
+        staging = new_staging_folder(output_dir)
         try:
             card = os.path.join(output_dir, "README.md")
             if os.path.isfile(card):  # PEFT updates an existing card in place: keep what the user wrote in it
                 shutil.copy2(card, os.path.join(staging, "README.md"))
             super().save_model(staging, _internal_call=True)
-            fsync_tree(staging)
-            names = sorted(os.listdir(staging), key=lambda n: n == "adapter_config.json")
-            config_path = os.path.join(output_dir, "adapter_config.json")
-            if os.path.exists(config_path):
-                os.remove(config_path)  # the folder is incomplete until the new config lands
-            for name in names:
-                target = os.path.join(output_dir, name)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                os.replace(os.path.join(staging, name), target)
+            _training_args_as_json(staging, self.args)
+            _point_card_at(os.path.join(staging, "README.md"), staging, output_dir)
+            replace_into(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if self.args.push_to_hub and not _internal_call:
@@ -512,6 +512,26 @@ class StagedSFTTrainer(SFTTrainer):
                 if isinstance(value, (int, float)) and ("loss" in key or key.startswith("eval_")):
                     metrics[f"{stage}_{key}"] = value
         return metrics
+
+
+def _training_args_as_json(folder: str, args: HeftSFTConfig) -> None:
+    """Replace Trainer's pickled `training_args.bin` with the same arguments as JSON."""
+    pickled = os.path.join(folder, TRAINING_ARGS_NAME)
+    if os.path.exists(pickled):
+        os.remove(pickled)
+    with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as handle:
+        handle.write(args.to_json_string())
+
+
+def _point_card_at(card: str, staging: str, output_dir: str) -> None:
+    """The card was written in the staging folder: its loading code must name the output folder."""
+    if not os.path.isfile(card):
+        return
+    with open(card, encoding="utf-8") as handle:
+        text = handle.read()
+    if staging in text:
+        with open(card, "w", encoding="utf-8") as handle:
+            handle.write(text.replace(staging, output_dir))
 
 
 _PACKING_ERROR = (
