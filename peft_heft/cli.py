@@ -4,18 +4,23 @@ Examples:
 ```bash
 heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name data/train.jsonl \
     --output_dir out --lora_num_train_epochs 3 --reft_num_train_epochs 3 \
-    --lora_target_modules q_proj v_proj --intervention_layers 2,4,6 --intervention_positions f7+l7
+    --lora_target_modules q_proj v_proj --intervention_layers 2 4 6 --intervention_positions f7+l7
 heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name embedded:strategyqa \
     --output_dir out --eval_accuracy --answer_choices yes,no   # offline: embedded model and data (peft_heft.assets)
 heft-sft --config heft.yaml          # any option in YAML; flags override it
 ```
+
+Precision: without --bf16, --fp16 or --use_cpu (on the command line or in the YAML), bf16 is on where the hardware
+supports it (a bf16-capable GPU) and off elsewhere, so a machine without a GPU trains in float32 with no extra flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +30,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from .assets.model import resolve_model_name_or_path
 from .config import HeftConfig
 from .trainer.config import HeftSFTConfig
+
+logger = logging.getLogger(__name__)
 
 _INTERVENTION_FIELDS = [
     f
@@ -38,12 +45,12 @@ def _cli_field(f: dataclasses.Field) -> tuple:
     if f.name == "intervention_layers":
         return (
             f.name,
-            str,
+            list[str],  # nargs="+": `--intervention_layers 1 3` as well as `--intervention_layers '1,3'`
             field(
-                default="all",
+                default_factory=lambda: ["all"],
                 metadata={
-                    "help": f.metadata["help"] + " On the command line: "
-                    "'all', one index, or a comma list like '2,4,-1'."
+                    "help": f.metadata["help"] + " On the command line: 'all', one index, or several as "
+                    "'1 3', '1,3' or '[1, 3]' (negatives count from the end, e.g. -1)."
                 },
             ),
         )
@@ -85,21 +92,79 @@ class HeftScriptArguments(ScriptArguments):
     )
 
 
-def parse_layers(text):
-    if isinstance(text, (list, tuple)):  # a YAML list
-        return [int(v) for v in text]
-    if isinstance(text, int):
-        return text
-    text = str(text).strip().strip("[]")
-    if text.lower() == "all":
+_INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would read "1_3" as 13, and other scripts' digits
+
+
+def parse_layers(value: Any) -> list[int] | int | str:
+    """``--intervention_layers`` as HeftConfig takes it: ``"all"``, one index, or a list of indices.
+
+    Text may be ``all``, ``3``, ``-1``, ``1,3``, ``1 3``, ``1, 3`` or ``[1, 3]``; the words of an unquoted
+    ``--intervention_layers 1 3`` arrive as a list of strings and are read the same way. A YAML list of ints is kept.
+    Anything else (``1-3``, ``1;3``, ``1.0``, ``1,,3``, ``1 2, 3``) is refused: a guess could train the wrong layers.
+
+    Example:
+    ```python
+    >>> parse_layers("1 3"), parse_layers("[1, 3]"), parse_layers("-1"), parse_layers(["1", "3"])
+    ([1, 3], [1, 3], -1, [1, 3])
+    ```
+    """
+    fix = "use 'all', one index (e.g. 3 or -1) or several: '1 3', '1,3' or '[1, 3]'"
+    if isinstance(value, bool):
+        raise ValueError(f"--intervention_layers {value!r}: a bool is not a layer index; {fix}.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, str) for v in value):
+            return _parse_layer_text(" ".join(value), fix)
+        layers = []
+        for item in value:  # a YAML list: ints, or strings that are exactly one index
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise ValueError(
+                    f"--intervention_layers {list(value)!r}: {item!r} ({type(item).__name__}) is not a layer "
+                    f"index; {fix}."
+                )
+            if isinstance(item, str):
+                if not _INDEX.fullmatch(item.strip()):
+                    raise ValueError(f"--intervention_layers {list(value)!r}: {item!r} is not one layer index; {fix}.")
+                item = int(item.strip())
+            layers.append(item)
+        if not layers:
+            raise ValueError(f"--intervention_layers is an empty list; {fix}.")
+        return layers
+    if not isinstance(value, str):
+        raise ValueError(f"--intervention_layers {value!r} ({type(value).__name__}): {fix}.")
+    return _parse_layer_text(value, fix)
+
+
+def _parse_layer_text(text: str, fix: str) -> list[int] | int | str:
+    stripped = shown = text.strip()
+    if stripped.lower() == "all":
         return "all"
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ValueError(
-            f"--intervention_layers {text!r}: use 'all', one index or a comma list like '2,4,-1'."
-        ) from None
-    return values[0] if len(values) == 1 else values
+    bracketed = stripped.startswith("[") and stripped.endswith("]")
+    inner = stripped[1:-1] if bracketed else stripped
+    if "[" in inner or "]" in inner:
+        raise ValueError(f"--intervention_layers {shown!r}: unbalanced or nested brackets; {fix}.")
+    if "," in inner:
+        parts = [part.strip() for part in inner.split(",")]
+        if parts and parts[-1] == "" and len(parts) > 1:
+            parts = parts[:-1]  # "[1, 3,]": a trailing comma, as Python and YAML allow
+        separator = "commas"
+    else:
+        parts = inner.split()
+        separator = "spaces"
+    if not parts or parts == [""]:
+        raise ValueError(f"--intervention_layers {shown!r} names no layer; {fix}.")
+    for part in parts:
+        if not _INDEX.fullmatch(part):
+            what = "an empty entry" if not part else f"{part!r}, which is not one layer index"
+            if re.fullmatch(r"-?[0-9]+-[0-9]+", part):
+                what += " (a range is not expanded: list each layer)"
+            where = f" (split on {separator})" if len(parts) > 1 else ""
+            raise ValueError(f"--intervention_layers {shown!r}{where} holds {what}; {fix}.")
+    layers = [int(part) for part in parts]
+    if len(layers) == 1 and not bracketed:
+        return layers[0]
+    return layers
 
 
 def build_heft_config(model_args: ModelConfig, heft_args) -> HeftConfig:
@@ -149,6 +214,7 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: parse, train, evaluate, save. Returns the exit status (0)."""
+    _show_info_logs()
     train_from_args(argv)
     # Under `accelerate launch`, leave the process group before exiting (what Accelerator.end_training does): a
     # process that exits with a gloo group alive can abort in its threads' teardown. A no-op in a single process.
@@ -158,25 +224,108 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_from_args(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` like ``heft-sft`` and run; returns the results written to ``heft_results.json``."""
-    parser = TrlParser(
+def _show_info_logs() -> None:
+    """Print peft-heft's info messages (which weights were loaded, which precision was chosen) on the console."""
+    package_logger = logging.getLogger("peft_heft")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[heft-sft] %(levelname)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+
+
+def build_parser() -> TrlParser:
+    """The ``heft-sft`` parser: TRL's script, SFT and model arguments plus HeftConfig's intervention options."""
+    return TrlParser(
         # transformers annotates these as DataClassType, a NewType no plain dataclass matches
         (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments),  # type: ignore[arg-type]
         prog="heft-sft",
         description=(
             "Train a HEFT adapter (LoRA stage, then ReFT stage) with StagedSFTTrainer. Every option below can also be "
             "set in a YAML file given with --config file.yaml; flags override the file. Key options: "
-            "--model_name_or_path, --dataset_name (a .json/.jsonl/.csv/.parquet file or a dataset name), "
+            "--model_name_or_path, "
+            "--dataset_name (a .json/.jsonl/.csv/.parquet file or a dataset name), "
             "--output_dir, --stage_order, --lora_num_train_epochs/--reft_num_train_epochs (or *_max_steps), "
             "--lora_learning_rate/--reft_learning_rate, --lora_r/--lora_target_modules, --intervention_layers, "
-            "--intervention_positions, --eval_accuracy --answer_choices yes,no."
+            "--intervention_positions, --eval_accuracy --answer_choices yes,no. Without --bf16/--fp16/--use_cpu, "
+            "bf16 is used where the hardware supports it."
         ),
     )
-    script_args, training_args, model_args, heft_args = parser.parse_args_and_config(
-        args=argv if argv is not None else sys.argv[1:]
-    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """``argv`` parsed like ``heft-sft`` does: ``(script_args, training_args, model_args, heft_args)``."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    parser = build_parser()
+    _default_precision(parser, args)
+    return tuple(parser.parse_args_and_config(args=args))
+
+
+def train_from_args(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` like ``heft-sft`` and run; returns the results written to ``heft_results.json``."""
+    script_args, training_args, model_args, heft_args = parse_args(argv)
     return run(script_args, training_args, model_args, heft_args)
+
+
+_PRECISION_OPTIONS = ("bf16", "fp16", "use_cpu")
+
+
+def _options_given(parser: TrlParser, args: list[str]) -> set[str]:
+    """The destinations ``args`` sets, matched the way argparse matches them (``--use-cpu``, ``--bf16=...``, unique
+    prefixes), plus the keys of the ``--config`` YAML file."""
+    strings = {option: action.dest for action in parser._actions for option in action.option_strings}
+    given = set()
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--"):
+            continue
+        name = arg.split("=", 1)[0]
+        if name in strings:
+            given.add(strings[name])
+        elif parser.allow_abbrev:
+            matches = {dest for option, dest in strings.items() if option.startswith(name)}
+            if len(matches) == 1:
+                given |= matches
+    if "--config" in args and args.index("--config") + 1 < len(args):  # found the way TrlParser finds it
+        import yaml
+
+        with open(args[args.index("--config") + 1]) as handle:
+            config = yaml.safe_load(handle)
+        if isinstance(config, dict):
+            given |= set(config)
+    return given
+
+
+def _hardware_supports_bf16() -> bool:
+    """Where transformers accepts bf16 without --use_cpu: a bf16-capable GPU (or XLA device)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
+def _default_precision(parser: TrlParser, args: list[str]) -> bool | None:
+    """Unless --bf16, --fp16 or --use_cpu is given (flag or YAML key), default bf16 to what the hardware supports.
+
+    TRL's SFTConfig defaults to bf16=True, which transformers refuses on a machine without a bf16 GPU unless
+    --use_cpu is given; HeftSFTConfig keeps that default (as TRL's Python API does), only the command line adapts.
+    Returns the chosen value, or None when the user chose.
+    """
+    given = _options_given(parser, args) & set(_PRECISION_OPTIONS)
+    if given:
+        logger.info(f"Precision from your options ({', '.join(sorted(given))}).")
+        return None
+    bf16 = _hardware_supports_bf16()
+    parser.set_defaults(bf16=bf16)
+    if bf16:
+        logger.info("Precision: bf16 mixed precision (this machine supports it; pass --bf16 false for float32).")
+    else:
+        logger.info(
+            "Precision: float32, bf16 off (no bf16-capable GPU here; none of --bf16/--fp16/--use_cpu was given). "
+            "Training runs on the CPU when there is no GPU."
+        )
+    return bf16
 
 
 def run(script_args, training_args, model_args, heft_args) -> dict:

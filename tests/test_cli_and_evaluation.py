@@ -86,6 +86,7 @@ def test_heft_sft_cli_trains_evaluates_and_saves_from_yaml_and_flags(tmp_path, l
 
 
 def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
+    """No --use_cpu / --bf16 flags: heft-sft picks a precision this machine supports (float32 without a GPU)."""
     script = os.path.join(os.path.dirname(sys.executable), "heft-sft")
     data = write_jsonl(tmp_path / "train.jsonl", make_dataset("messages", 16))
     proc = subprocess.run(
@@ -97,9 +98,6 @@ def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
             str(data),
             "--output_dir",
             str(tmp_path / "o"),
-            "--use_cpu",
-            "--bf16",
-            "false",
             "--report_to",
             "none",
             "--lora_max_steps",
@@ -123,6 +121,7 @@ def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
+    assert "Precision: " in proc.stderr
 
 
 def test_heft_sft_console_script_help_and_bad_input(tmp_path):
