@@ -72,7 +72,7 @@ SHAPES = {
     "full": dict(hidden=512, intermediate=1376, layers=8, heads=8, vocab=24000, batch=8, seq=256, prompt=64, new=32),
     # the embedded SmolLM2-135M-Instruct (peft_heft.assets; tied embeddings, GQA 9/3 heads): issue 5's real model
     "smollm2": dict(
-        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        model="embedded:smollm2-135m-instruct",  # by name: the hub id would mean the hub's weights
         hidden=576,
         intermediate=1536,
         layers=30,

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 with contextlib.redirect_stdout(io.StringIO()):
     from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
-    from peft_heft.assets import DEFAULT_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset  # noqa: E402
+    from peft_heft.assets import EMBEDDED_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset  # noqa: E402
     from peft_heft.evaluation import evaluate_generation_accuracy  # noqa: E402
 
 METHODS = {
@@ -355,7 +355,7 @@ def report(results: dict, out_dir: Path, stem: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
     parser.add_argument("--tasks", nargs="+", default=["strategyqa", "rotten_tomatoes"], choices=sorted(TASKS))
     parser.add_argument(
         "--methods", nargs="+", default=["lora_long", "reft_long", "heft_short"], choices=list(METHODS)

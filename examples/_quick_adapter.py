@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
-from peft_heft.assets import DEFAULT_MODEL, load_model_and_tokenizer, load_task_dataset
+from peft_heft.assets import EMBEDDED_MODEL, load_model_and_tokenizer, load_task_dataset
 
 
 def train_quick_adapter(task: str, output_dir: str | Path, steps: int, train_size: int = 128) -> Path:
     """Train HEFT (LoRA then ReFT, `steps` optimizer steps each) on `task` and save the adapter to `output_dir`."""
     warnings.filterwarnings("ignore", category=FutureWarning)
-    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     cuda = torch.cuda.is_available()
     args = HeftSFTConfig(
         output_dir=str(output_dir),

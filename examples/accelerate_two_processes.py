@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
-from peft_heft.assets import DEFAULT_MODEL, load_model_and_tokenizer, load_task_dataset
+from peft_heft.assets import EMBEDDED_MODEL, load_model_and_tokenizer, load_task_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     data = load_task_dataset("rotten_tomatoes", max_train=32 if cli.fast else 512)
     args = HeftSFTConfig(
         output_dir=cli.output_dir,

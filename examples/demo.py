@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer
-from peft_heft.assets import DEFAULT_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset
+from peft_heft.assets import EMBEDDED_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset
 from peft_heft.evaluation import evaluate_generation_accuracy
 
 
@@ -49,7 +49,9 @@ def accuracy(model, tokenizer, dataset, choices, label: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: embedded SmolLM2)")
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help=f"hub id or local folder (default: {EMBEDDED_MODEL}, offline)"
+    )
     parser.add_argument("--task", default="rotten_tomatoes", choices=sorted(TASKS))
     parser.add_argument("--train_size", type=int, default=256)
     parser.add_argument("--eval_size", type=int, default=200)

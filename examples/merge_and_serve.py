@@ -29,7 +29,7 @@ from peft import PeftModel
 sys.path.insert(0, str(Path(__file__).parent))
 from _quick_adapter import train_quick_adapter  # noqa: E402
 
-from peft_heft.assets import DEFAULT_MODEL, load_model_and_tokenizer, load_task_dataset  # noqa: E402
+from peft_heft.assets import EMBEDDED_MODEL, load_model_and_tokenizer, load_task_dataset  # noqa: E402
 
 
 def timed_generate(model, batch, new_tokens: int) -> tuple[torch.Tensor, float]:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = cli.adapter or train_quick_adapter("rotten_tomatoes", cli.output_dir, steps=2 if cli.fast else 24)
     new_tokens = 4 if cli.fast else 32
 
-    base, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    base, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     model = PeftModel.from_pretrained(base, adapter).eval()
     tokenizer.padding_side = "left"
     rows = load_task_dataset("rotten_tomatoes", max_test=8)["test"]

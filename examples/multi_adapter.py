@@ -24,7 +24,7 @@ from peft import PeftModel
 sys.path.insert(0, str(Path(__file__).parent))
 from _quick_adapter import train_quick_adapter  # noqa: E402
 
-from peft_heft.assets import DEFAULT_MODEL, load_model_and_tokenizer, load_task_dataset  # noqa: E402
+from peft_heft.assets import EMBEDDED_MODEL, load_model_and_tokenizer, load_task_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     sentiment = cli.sentiment or train_quick_adapter("rotten_tomatoes", Path(cli.output_dir) / "sentiment", steps)
     yesno = cli.yesno or train_quick_adapter("strategyqa", Path(cli.output_dir) / "yesno", steps)
 
-    base, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    base, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     model = PeftModel.from_pretrained(base, sentiment, adapter_name="sentiment")
     model.load_adapter(yesno, adapter_name="yesno")
     model.eval()

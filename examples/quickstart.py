@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import peft_heft  # registers the HEFT method with PEFT
 from peft_heft.assets import load_model_and_tokenizer, load_task_dataset
 
-model, tokenizer = load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+model, tokenizer = load_model_and_tokenizer("embedded:smollm2-135m-instruct")  # or a hub id / local folder
 data = load_task_dataset("rotten_tomatoes", max_train=64, max_test=32)  # TRL prompt-completion conversations
 print(data["train"][0]["prompt"][0]["content"], "->", data["train"][0]["completion"][0]["content"])
 # --8<-- [end:model]
@@ -64,7 +64,7 @@ trainer.save_model()  # adapter_config.json + adapter_model.safetensors (+ READM
 # --8<-- [start:reload]
 from peft import PeftModel
 
-base, _ = load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+base, _ = load_model_and_tokenizer("embedded:smollm2-135m-instruct")
 reloaded = PeftModel.from_pretrained(base, "heft-quickstart")
 
 messages = data["test"][0]["prompt"]

@@ -5,7 +5,7 @@ Examples:
 heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name data/train.jsonl \
     --output_dir out --lora_num_train_epochs 3 --reft_num_train_epochs 3 \
     --lora_target_modules q_proj v_proj --intervention_layers 2 4 6 --intervention_positions f7+l7
-heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name embedded:strategyqa \
+heft-sft --model_name_or_path embedded:smollm2-135m-instruct --dataset_name embedded:strategyqa \
     --output_dir out --eval_accuracy --answer_choices yes,no   # offline: embedded model and data (peft_heft.assets)
 heft-sft --config heft.yaml          # any option in YAML; flags override it
 ```
@@ -27,7 +27,7 @@ from typing import Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .assets.model import resolve_model_name_or_path
+from .assets.model import EMBEDDED_MODEL, EMBEDDED_PREFIX, resolve_model_name_or_path
 from .config import HeftConfig
 from .trainer.config import HeftSFTConfig
 
@@ -190,9 +190,6 @@ def build_heft_config(model_args: ModelConfig, heft_args) -> HeftConfig:
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-EMBEDDED_PREFIX = "embedded:"
-
-
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
     """A local json/jsonl/csv/parquet file, an embedded task (``embedded:strategyqa``, see ``peft_heft.assets``), a
     local dataset folder, or a dataset name on the Hub."""
@@ -244,7 +241,7 @@ def build_parser() -> TrlParser:
         description=(
             "Train a HEFT adapter (LoRA stage, then ReFT stage) with StagedSFTTrainer. Every option below can also be "
             "set in a YAML file given with --config file.yaml; flags override the file. Key options: "
-            "--model_name_or_path, "
+            "--model_name_or_path (a hub id, a local folder, or embedded:smollm2-135m-instruct), "
             "--dataset_name (a .json/.jsonl/.csv/.parquet file or a dataset name), "
             "--output_dir, --stage_order, --lora_num_train_epochs/--reft_num_train_epochs (or *_max_steps), "
             "--lora_learning_rate/--reft_learning_rate, --lora_r/--lora_target_modules, --intervention_layers, "
@@ -334,11 +331,13 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
 
     if not model_args.model_name_or_path:
         raise ValueError(
-            "--model_name_or_path is required: a hub id or a local model folder (offline, the embedded "
-            "HuggingFaceTB/SmolLM2-135M-Instruct: see `python -m peft_heft.assets`)."
+            f"--model_name_or_path is required: a hub id or a local model folder (offline, the embedded copy of "
+            f"SmolLM2-135M-Instruct: {EMBEDDED_MODEL}; see `python -m peft_heft.assets`)."
         )
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required: a local .json/.jsonl/.csv/.parquet file or a dataset name.")
+    # before the data loads: a missing local folder fails now, and the log says which weights will be trained
+    model_path = resolve_model_name_or_path(model_args.model_name_or_path, revision=model_args.model_revision)
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -369,7 +368,7 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         evaluation = evaluation.select(range(min(script_args.eval_max_samples, len(evaluation))))
 
     trainer = StagedSFTTrainer(
-        model=resolve_model_name_or_path(model_args.model_name_or_path),
+        model=model_path,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation if wants_eval else None,

@@ -22,7 +22,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "positions.pn
 
 
 def main() -> None:
-    tok = AutoTokenizer.from_pretrained(resolve_model_name_or_path("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    tok = AutoTokenizer.from_pretrained(resolve_model_name_or_path("embedded:smollm2-135m-instruct"))
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Review: a gripping, funny film.\nPositive or negative?"},

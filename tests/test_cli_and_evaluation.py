@@ -121,7 +121,7 @@ def test_heft_sft_console_script_exits_zero_after_a_run(tmp_path, local_model):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
-    assert "Precision: " in proc.stderr
+    assert "Precision: " in proc.stderr and f"Model weights: the local folder {local_model}" in proc.stderr
 
 
 def test_heft_sft_console_script_help_and_bad_input(tmp_path):

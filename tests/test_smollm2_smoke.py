@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
-from peft_heft.assets import DEFAULT_MODEL, embedded_gguf_path, load_model_and_tokenizer, load_task_dataset
+from peft_heft.assets import EMBEDDED_MODEL, embedded_gguf_path, load_model_and_tokenizer, load_task_dataset
 from peft_heft.assets.cache import package_dir
 
 pytestmark = pytest.mark.skipif(
@@ -24,7 +24,7 @@ def stage_losses(log_history, stage):
 
 def test_smollm2_trains_both_stages_and_reloads_with_identical_logits(tmp_path):
     warnings.filterwarnings("ignore", category=FutureWarning)
-    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL)
     data = load_task_dataset("rotten_tomatoes", max_train=16, max_test=2)
     args = HeftSFTConfig(
         output_dir=str(tmp_path),
@@ -75,11 +75,11 @@ def test_smollm2_trains_both_stages_and_reloads_with_identical_logits(tmp_path):
         data["test"][0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     trained = trainer.model.eval()
-    base, _ = load_model_and_tokenizer(DEFAULT_MODEL)
+    base, _ = load_model_and_tokenizer(EMBEDDED_MODEL)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
         expected, actual = trained(**batch).logits, reloaded(**batch).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
-    fresh, _ = load_model_and_tokenizer(DEFAULT_MODEL)
+    fresh, _ = load_model_and_tokenizer(EMBEDDED_MODEL)
     with torch.no_grad():
         assert (fresh.eval()(**batch).logits - actual).abs().max() > 1e-3  # the adapter changes the output

@@ -4,13 +4,15 @@ Prepare everything once (this is what ``make assets`` runs)::
 
     python -m peft_heft.assets            # convert the model, extract the data, print where they are
 
-Then ``load_model_and_tokenizer()`` and ``load_task_dataset("strategyqa")`` work with no hub access.
+Then ``load_model_and_tokenizer("embedded:smollm2-135m-instruct")`` (also its default) and
+``load_task_dataset("strategyqa")`` work with no hub access.
 """
 
 from .cache import cache_dir
 from .datasets import TASKS, TaskInfo, bigbench_dir, format_example, load_task_dataset, rotten_tomatoes_csv
 from .model import (
     DEFAULT_MODEL,
+    EMBEDDED_MODEL,
     convert_gguf_to_hf,
     embedded_gguf_path,
     embedded_model_dir,
@@ -20,6 +22,7 @@ from .model import (
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_MODEL",
     "TASKS",
     "TaskInfo",
     "bigbench_dir",
