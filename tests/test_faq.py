@@ -132,6 +132,29 @@ def trigger(key: str, tmp_path: Path, monkeypatch) -> BaseException:
         monkeypatch.setenv("PEFT_HEFT_CACHE", str(tmp_path / "empty-cache"))
         monkeypatch.setattr(assets_model, "embedded_gguf_path", lambda: None)
         return raised_by(assets_model.embedded_model_dir)
+    if key.startswith('KeyError: "This is a HEFT adapter (peft'):
+        import _peft_heft_autoload
+
+        monkeypatch.setenv("PEFT_HEFT_NO_AUTOLOAD", "1")
+        return raised_by(lambda: _peft_heft_autoload.HeftNotRegistered.from_pretrained(str(tmp_path)))
+    if key.startswith("ValueError: .../adapter_config.json does"):
+        import json
+
+        folder = saved_adapter(tmp_path / "adapter")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["intervention_positions"] = "f3+l3"
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return raised_by(lambda: PeftModel.from_pretrained(tiny_llama(), folder))
+    if key.startswith("ValueError: attention_mask has shape (3, "):
+        model = get_peft_model(tiny_llama(), heft_config())
+        model.base_model.set_stage("reft")
+        ids = torch.arange(3, 30).reshape(3, 9)
+        return raised_by(lambda: model(input_ids=ids, attention_mask=torch.ones(3, 8, dtype=torch.long)))
+    if key.startswith("ValueError: intervention_locations names "):
+        model = get_peft_model(tiny_llama(), heft_config())
+        model.base_model.set_stage("reft")
+        ids = torch.arange(3, 12)[None]
+        return raised_by(lambda: model(input_ids=ids, intervention_locations=[[[2, 2], [5, -1]]]))
     raise AssertionError(f"docs/faq.md quotes an error this test cannot raise yet; add a trigger: {key!r}")
 
 
