@@ -110,3 +110,20 @@ def cpu_sft_args(output_dir: str, **overrides):
     )
     kwargs.update(overrides)
     return HeftSFTConfig(**kwargs)
+
+
+def sft_heft_config(**overrides):
+    """The HeftConfig of the trainer tests: LoRA r=4 on q/v, rank-2 interventions at f2+l2 on both tiny layers."""
+    from peft_heft import HeftConfig
+
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        intervention_layers=[0, 1],
+        intervention_rank=2,
+        intervention_positions="f2+l2",
+    )
+    kwargs.update(overrides)
+    return HeftConfig(**kwargs)

@@ -73,6 +73,17 @@ def test_committed_staging_folder_is_finished_on_load_and_incomplete_one_is_not_
     assert incomplete.exists()  # a reader never deletes a save that may still be in progress
 
 
+def _saved_adapter_with_local_base(tmp_path):
+    """A saved adapter, the base model saved beside it, the adapter config's path and its parsed content."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    _, folder = _saved_adapter(tmp_path)
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    return base, folder, path, config
+
+
 def test_settings_are_recorded_in_the_weights_metadata(tmp_path):
     _, folder = _saved_adapter(tmp_path)
     settings = saved_settings(str(folder / "adapter_model.safetensors"))
@@ -94,14 +105,8 @@ def test_settings_are_recorded_in_the_weights_metadata(tmp_path):
 )
 @pytest.mark.parametrize("loader", ["PeftModel", "AutoPeftModel", "PeftConfig"])
 def test_edited_config_that_disagrees_with_its_weights_is_refused(tmp_path, field, value, recorded, loader):
-    base = tiny_llama()
-    base_dir = tmp_path / "base"
-    base.save_pretrained(base_dir)
-    _, folder = _saved_adapter(tmp_path)
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
+    base, folder, path, config = _saved_adapter_with_local_base(tmp_path)
     config[field] = value
-    config["base_model_name_or_path"] = str(base_dir)
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError) as info:
         if loader == "PeftModel":
@@ -161,13 +166,7 @@ def test_adapter_config_with_a_json_syntax_error_names_the_file(tmp_path):
 
 
 def test_pickles_and_bad_weights_are_refused_on_every_loading_path(tmp_path):
-    base = tiny_llama()
-    base_dir = tmp_path / "base"
-    base.save_pretrained(base_dir)
-    _, folder = _saved_adapter(tmp_path)
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = str(base_dir)
+    base, folder, path, config = _saved_adapter_with_local_base(tmp_path)
     path.write_text(json.dumps(config))
     data = (folder / "adapter_model.safetensors").read_bytes()
     (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])

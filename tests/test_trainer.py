@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
+from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, complete_checkpoints
@@ -22,17 +22,7 @@ def sft_args(tmp_path, **overrides) -> HeftSFTConfig:
 
 
 def peft_config(**overrides) -> HeftConfig:
-    kwargs = dict(
-        task_type="CAUSAL_LM",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        intervention_layers=[0, 1],
-        intervention_rank=2,
-        intervention_positions="f2+l2",
-    )
-    kwargs.update(overrides)
-    return HeftConfig(**kwargs)
+    return sft_heft_config(**overrides)
 
 
 def make_trainer(tmp_path, kind="prompt_completion", n=32, callbacks=None, args=None, config=None, **kwargs):

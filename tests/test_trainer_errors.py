@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 from datasets import Dataset
-from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer
+from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftCallback, HeftConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, checkpoint_problem, complete_checkpoints, read_marker
@@ -21,17 +21,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def peft_config(**overrides) -> HeftConfig:
-    kwargs = dict(
-        task_type="CAUSAL_LM",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        intervention_layers=[0, 1],
-        intervention_rank=2,
-        intervention_positions="f2+l2",
-    )
-    kwargs.update(overrides)
-    return HeftConfig(**kwargs)
+    return sft_heft_config(**overrides)
 
 
 def make_trainer(output_dir, data=None, config=None, callbacks=None, tokenizer="tiny", model=None, **arg_overrides):
