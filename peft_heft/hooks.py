@@ -22,6 +22,18 @@ class Located:
     index: torch.Tensor  # (B, K, d) gather/scatter index (an expanded view), K = groups * n
     keep: torch.Tensor  # (B, K, 1) bool: slot holds a real position inside this forward's tokens
     split: list[int]  # slot count of each group
+    # copies on other devices (a device map splitting the layers over devices), made on first use in this forward
+    moved: dict[torch.device, Located] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> Located:
+        """These positions with their tensors on ``device`` (``self`` when they are there already)."""
+        if self.index.device == device:
+            return self
+        copy = self.moved.get(device)
+        if copy is None:
+            copy = Located(index=self.index.to(device), keep=self.keep.to(device), split=self.split)
+            self.moved[device] = copy
+        return copy
 
 
 @dataclass
@@ -51,14 +63,25 @@ def intervene(hidden: torch.Tensor, located: Located, interventions: list[nn.Mod
     """Apply interventions (one per position group) to ``hidden`` ``(B, T, d)`` at the located positions.
 
     Out of place: the change is added with ``scatter_add``; slots without a position add zero, so
-    padding and clipped slots are never written.
+    padding and clipped slots are never written. Positions built on another device (the first layer's, under a
+    device map) are copied to ``hidden``'s device once per forward. Interventions in another dtype than ``hidden``
+    (float32 ones on a bf16/fp16 or quantized base, as PEFT keeps LoRA) get the gathered states in their dtype, and
+    their change is cast back to ``hidden``'s dtype, as PEFT's LoRA layers cast their output.
     """
+    located = located.on(hidden.device)
     base = hidden.gather(1, located.index)
     if len(interventions) == 1:
-        new = interventions[0](base)
+        delta = _change(interventions[0], base)
     else:
-        new = torch.cat(
-            [m(part) for m, part in zip(interventions, base.split(located.split, dim=1), strict=True)], dim=1
-        )
-    delta = (new - base) * located.keep
-    return hidden.scatter_add(1, located.index, delta)
+        parts = base.split(located.split, dim=1)
+        delta = torch.cat([_change(m, part) for m, part in zip(interventions, parts, strict=True)], dim=1)
+    return hidden.scatter_add(1, located.index, delta * located.keep)
+
+
+def _change(intervention: nn.Module, base: torch.Tensor) -> torch.Tensor:
+    """``intervention(base) - base``, computed in the intervention's dtype and returned in ``base``'s."""
+    weight = next(intervention.parameters(), None)
+    if weight is None or weight.dtype == base.dtype or not weight.is_floating_point():
+        return intervention(base) - base
+    inner = base.to(weight.dtype)
+    return (intervention(inner) - inner).to(base.dtype)

@@ -154,12 +154,10 @@ class HeftModel(LoraModel):
         groups = config.num_position_groups
         modules = nn.ModuleDict()
         for layer in layers:
-            # a base weight, not an adapter weight (those are on "meta" with low_cpu_mem_usage)
-            reference = next(p for n, p in decoder_layers[layer].named_parameters() if self.prefix not in n)
-            dtype = reference.dtype
+            dtype = _compute_dtype(model, decoder_layers[layer], self.prefix)
             if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32  # like PEFT's LoRA: train adapters in float32 on half-precision bases
-            device = None if reference.device.type == "meta" else reference.device
+            device = _execution_device(model, decoder_layers[layer], self.prefix)
             for group in range(groups):
                 modules[_intervention_key(layer, group, groups)] = build_intervention(
                     config.intervention_type,
@@ -578,6 +576,66 @@ def _check_explicit_locations(locs: torch.Tensor, total_len: int) -> None:
             f"intervention_locations names position {position} more than once in row {row}; each position may be "
             "intervened on once (its changes would add up). List each position once, -1 for unused slots."
         )
+
+
+def _base_parameters(module: nn.Module, prefix: str):
+    """The module's own base parameters, not adapter weights (those are on "meta" with low_cpu_mem_usage)."""
+    return (p for n, p in module.named_parameters() if prefix not in n)
+
+
+def _compute_dtype(model: nn.Module, layer: nn.Module, prefix: str) -> torch.dtype:
+    """The dtype the decoder layer computes in, never a quantized weight's.
+
+    A layer's first base weight gives it for a plain model. Under bitsandbytes that weight is the packed uint8 (4-bit)
+    or int8 (8-bit) storage: the hidden states then have the input embeddings' dtype (they are the embeddings' output),
+    else the config's ``dtype``, else torch's default.
+    """
+    reference = next(_base_parameters(layer, prefix), None)
+    if reference is not None and reference.is_floating_point():
+        return reference.dtype
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    config = getattr(model, "config", None)
+    for name in ("dtype", "torch_dtype"):
+        dtype = getattr(config, name, None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return torch.get_default_dtype()
+
+
+def _hook_execution_device(module: nn.Module) -> torch.device | None:
+    """The ``execution_device`` of an accelerate ``AlignDevicesHook`` on ``module`` (alone or in a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return None
+
+
+def _execution_device(model: nn.Module, layer: nn.Module, prefix: str) -> torch.device | None:
+    """Where the decoder layer runs: its weights' device, or for weights offloaded by accelerate (on ``meta``, loaded
+    for each forward from CPU or disk) the execution device of accelerate's hook on the layer, a submodule of it or
+    an ancestor. ``None`` when no device is known (the interventions stay where torch puts them)."""
+    reference = next(_base_parameters(layer, prefix), None)
+    if reference is not None and reference.device.type != "meta":
+        return reference.device
+    for module in layer.modules():
+        device = _hook_execution_device(module)
+        if device is not None:
+            return device
+    found = None
+    for module in model.modules():  # an ancestor's hook (a device map at a coarser level than the layers)
+        if module is layer:
+            return found
+        if any(child is layer for child in module.modules()):
+            found = _hook_execution_device(module) or found
+    return found
 
 
 def _find_heft_tuner(model) -> HeftModel | None:
