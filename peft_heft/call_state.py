@@ -8,8 +8,9 @@ skipped the causal-LM hook reused the previous call's plan.
 
 Each value is a mapping keyed by the tuner's ``id`` (two HEFT models can run inside one another's call) held in a
 :class:`contextvars.ContextVar`: every thread has its own context, and ``generate()`` resets what it set when it
-returns. The plan is deliberately left in place after a forward: gradient checkpointing re-runs the decoder layers
-during ``backward()`` (in the same thread on CPU), and they must see the plan of the forward they recompute.
+returns (as does a call with PEFT's ``adapter_names=`` its per-row routes). The plan is deliberately left in place
+after a forward: gradient checkpointing re-runs the decoder layers during ``backward()`` (in the same thread on CPU),
+and they must see the plan of the forward they recompute.
 """
 
 from __future__ import annotations
@@ -81,3 +82,20 @@ def set_plan(owner: int, plan: Any) -> None:
 def current_plan(owner: int) -> Any:
     """The plan of this context's latest forward of ``owner``, ``None`` for "no intervention", or ``UNSET``."""
     return _PLANS.get().get(owner, UNSET)
+
+
+_ROW_ROUTES: ContextVar[Mapping[int, Any]] = ContextVar("heft_row_routes", default=_NOTHING)
+
+
+def start_row_routes(owner: int, routes: Any) -> Token:
+    """Per-row intervention routes of one call with PEFT's ``adapter_names=`` (mixed batch), until it returns."""
+    return _with(_ROW_ROUTES, owner, routes)
+
+
+def end_row_routes(token: Token) -> None:
+    _ROW_ROUTES.reset(token)
+
+
+def row_routes(owner: int) -> Any:
+    """This call's per-row routes of ``owner``, or ``None`` (the tuner's own routes apply)."""
+    return _ROW_ROUTES.get().get(owner)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -216,22 +217,72 @@ class HeftModel(LoraModel):
         self._grad_plan = None
         call_state.set_plan(id(self), UNSET)
 
-    def _refresh_routes(self) -> None:
-        """Per decoder layer: which interventions run, and with which position spec. Rebuilt on state changes."""
+    @property
+    def _routes(self) -> dict[int, list[tuple[tuple, list[nn.Module]]]]:
+        """Per decoder layer: which interventions run, and with which position spec.
+
+        The tuner's routes (rebuilt by :meth:`_refresh_routes` on state changes), unless this call passed
+        ``adapter_names=`` (PEFT's mixed batch): then the routes of that call, which apply each row's own adapter's
+        interventions to that row only (:meth:`_enable_peft_forward_hooks`), held in this call's context.
+        """
+        per_call = call_state.row_routes(id(self))
+        return self.__dict__["_shared_routes"] if per_call is None else per_call
+
+    @_routes.setter
+    def _routes(self, routes: dict[int, list[tuple[tuple, list[nn.Module]]]]) -> None:
+        self.__dict__["_shared_routes"] = routes
+
+    def _adapter_routes(self, adapters, rows: dict[str, list[bool]] | None = None):
+        """Routes of ``adapters`` (each adapter's interventions only if its stage applies them); with ``rows``, each
+        adapter's interventions are restricted to its rows of the batch."""
         routes: dict[int, list[tuple[tuple, list[nn.Module]]]] = {}
-        if self._apply_interventions and self._interventions_enabled:
-            for adapter in self.active_adapters:
-                if adapter not in self.heft_interventions:
-                    continue
-                config = cast(HeftConfig, self.peft_config[adapter])
-                groups = config.num_position_groups
-                key = (config.position_spec, config.share_intervention_weights)
-                for layer in resolve_layers(config.intervention_layers, self._num_layers):
-                    mods = [
-                        self.heft_interventions[adapter][_intervention_key(layer, g, groups)] for g in range(groups)
-                    ]
-                    routes.setdefault(layer, []).append((key, mods))
-        self._routes = routes
+        if not self._interventions_enabled:
+            return routes
+        for adapter in adapters:
+            if adapter not in self.heft_interventions or not self._stage_of(adapter)[1]:
+                continue
+            config = cast(HeftConfig, self.peft_config[adapter])
+            groups = config.num_position_groups
+            key = (config.position_spec, config.share_intervention_weights)
+            for layer in resolve_layers(config.intervention_layers, self._num_layers):
+                mods: list[nn.Module] = [
+                    self.heft_interventions[adapter][_intervention_key(layer, g, groups)] for g in range(groups)
+                ]
+                if rows is not None:
+                    mods = [_RowSubset(m, adapter, rows[adapter]) for m in mods]
+                routes.setdefault(layer, []).append((key, mods))
+        return routes
+
+    def _refresh_routes(self) -> None:
+        """Rebuild the active adapters' routes on state changes (stage, active adapter, enable/disable)."""
+        self._routes = self._adapter_routes(self.active_adapters)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT's per-call hooks (LoRA's ``adapter_names=`` mixed batch), plus the same routing for interventions.
+
+        With ``adapter_names=[...]`` (one name per row, ``"__base__"`` for the base model), each row gets the LoRA and
+        the interventions of its own adapter, in that adapter's stage, whatever adapter is active; ``"__base__"`` rows
+        get none. The routes are this call's (``contextvars``): other calls and threads keep the tuner's.
+        """
+        adapter_names = kwargs.get("adapter_names")
+        if self._heft_ready:
+            _refuse_data_parallel_replica(self)
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            if adapter_names is None or not self._heft_ready:
+                yield
+                return
+            names = list(adapter_names)
+            num_beams = kwargs.get("num_beams")
+            if isinstance(num_beams, int) and num_beams > 1:
+                names = [n for n in names for _ in range(num_beams)]  # as PEFT repeats them for LoRA
+            used = [n for n in dict.fromkeys(names) if n != "__base__"]
+            rows = {adapter: [n == adapter for n in names] for adapter in used}
+            token = call_state.start_row_routes(id(self), self._adapter_routes(used, rows))
+            try:
+                yield
+            finally:
+                call_state.end_row_routes(token)
 
     def _take_explicit_locations_hook(self, module, args, kwargs):
         """Forward pre-hook on the wrapped model: take ``intervention_locations`` out of this call's inputs."""
@@ -353,13 +404,48 @@ class HeftModel(LoraModel):
     # ------------------------------------------------------------------ stages
     @property
     def stage(self) -> str:
-        """The current training stage (see :meth:`set_stage`)."""
+        """The current training stage of the active adapter (see :meth:`set_stage`)."""
         return self._stage
 
-    def set_stage(self, stage: str, *, apply_interventions: bool | None = None, _only_refresh: bool = False) -> None:
-        """Switch the training stage in place: which parameters train and whether interventions are applied.
+    def _stage_records(self) -> dict[str, tuple[str, bool]]:
+        """Each adapter's ``(stage, apply_interventions)``: the stage belongs to an adapter, not to the tuner."""
+        records = self.__dict__.get("_adapter_stages")
+        if records is None:
+            records = self.__dict__["_adapter_stages"] = {}
+        return records
 
-        Nothing is copied or moved between devices; only ``requires_grad`` flags and the hook routing change.
+    def _stage_of(self, adapter: str) -> tuple[str, bool]:
+        """An adapter's recorded stage; one never set is ``frozen`` if loaded for inference, else ``lora``."""
+        record = self._stage_records().get(adapter)
+        if record is not None:
+            return record
+        config = self.peft_config.get(adapter)
+        return ("frozen", True) if config is not None and config.inference_mode else ("lora", False)
+
+    def _sync_current_stage(self) -> None:
+        """``stage`` reads the first active adapter's stage; interventions are applied if any active adapter's are."""
+        active = [a for a in self.active_adapters if a in self.peft_config]
+        if active:
+            self._stage = self._stage_of(active[0])[0]
+            self._apply_interventions = any(self._stage_of(a)[1] for a in active)
+
+    def _apply_stage_flags(self) -> None:
+        """``requires_grad`` of every adapter from its stage: only active adapters train, in their own stage."""
+        active = set(self.active_adapters)
+        for adapter in self.peft_config:
+            stage = self._stage_of(adapter)[0] if adapter in active else "frozen"
+            LoraModel.set_requires_grad(self, adapter, requires_grad=stage in ("lora", "joint"))
+            if adapter in self.heft_interventions:
+                self.heft_interventions[adapter].requires_grad_(stage in ("reft", "joint"))
+
+    def set_stage(self, stage: str, *, apply_interventions: bool | None = None, _only_refresh: bool = False) -> None:
+        """Switch the active adapter's training stage in place: which parameters train and whether interventions are
+        applied.
+
+        Nothing is copied or moved between devices; only ``requires_grad`` flags and the hook routing change. The stage
+        is recorded per adapter: :meth:`set_adapter` restores the stage the adapter it activates was left in (``lora``
+        for a new adapter, ``frozen`` for one loaded for inference, ``joint`` for one loaded with
+        ``is_trainable=True``).
 
         Args:
             stage (`str`):
@@ -371,48 +457,82 @@ class HeftModel(LoraModel):
         """
         if stage not in STAGES:
             raise ValueError(f"Unknown HEFT stage {stage!r}; use one of {STAGES}.")
-        lora_trainable = stage in ("lora", "joint")
-        reft_trainable = stage in ("reft", "joint")
-        if not _only_refresh:
+        apply = stage != "lora" if apply_interventions is None else bool(apply_interventions)
+        records = self._stage_records()
+        if _only_refresh:
+            # a new adapter was injected (or adapter layers disabled): active adapters keep their recorded stages
             for adapter in self.active_adapters:
-                config = self.peft_config[adapter]
-                if config.inference_mode and (lora_trainable or reft_trainable):
-                    raise ValueError(
-                        f"Adapter {adapter!r} was loaded for inference; load it with is_trainable=True to train stage "
-                        f"{stage!r}."
-                    )
-            for adapter in self.peft_config:
-                active = adapter in self.active_adapters
-                self.set_requires_grad(adapter, requires_grad=active and lora_trainable)
-                if adapter in self.heft_interventions:
-                    self.heft_interventions[adapter].requires_grad_(active and reft_trainable)
-        self._stage = stage
-        self._apply_interventions = stage != "lora" if apply_interventions is None else bool(apply_interventions)
+                records.setdefault(adapter, (stage, apply))
+        else:
+            if stage in ("lora", "reft", "joint"):
+                for adapter in self.active_adapters:
+                    if self.peft_config[adapter].inference_mode:
+                        raise ValueError(
+                            f"Adapter {adapter!r} was loaded for inference; load it with is_trainable=True to train "
+                            f"stage {stage!r}."
+                        )
+            for adapter in self.active_adapters:
+                records[adapter] = (stage, apply)
+            self._apply_stage_flags()
+        self._sync_current_stage()
         self._refresh_routes()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         if self._heft_ready:
             self._interventions_enabled = enabled
-            # PEFT's enable_adapters(True) marks the active LoRA weights trainable: restore the stage's flags
-            self.set_stage(self._stage, apply_interventions=self._apply_interventions, _only_refresh=not enabled)
+            if enabled:
+                # PEFT's enable_adapters(True) marks the active LoRA weights trainable: restore the stages' flags
+                self._apply_stage_flags()
+            self._refresh_routes()
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Activate an adapter in the stage it was left in (its flags and interventions), see :meth:`set_stage`."""
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         if self._heft_ready:
-            for adapter in self.heft_interventions:
-                self.heft_interventions[adapter].requires_grad_(False)
-            if not inference_mode:
-                self.set_stage(self._stage, apply_interventions=self._apply_interventions)
+            if inference_mode:
+                for adapter in self.heft_interventions:
+                    self.heft_interventions[adapter].requires_grad_(False)
             else:
-                self._refresh_routes()
+                self._apply_stage_flags()
+            self._sync_current_stage()
+            self._refresh_routes()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """PEFT's ``set_requires_grad``: the adapter's LoRA weights *and* interventions. The stage is not changed: the
+        next :meth:`set_stage` or :meth:`set_adapter` sets the flags from the stage again."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        if self._heft_ready:
+            for adapter in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+                if adapter in self.heft_interventions:
+                    self.heft_interventions[adapter].requires_grad_(requires_grad)
+
+    def _loaded_for_training(self, adapter_name: str) -> None:
+        """An adapter loaded with ``is_trainable=True`` continues training both parts (``joint``)."""
+        if adapter_name in self.active_adapters:
+            self.set_stage("joint")
+        else:
+            self._stage_records()[adapter_name] = ("joint", True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name in self.heft_interventions:
             del self.heft_interventions[adapter_name]
+        self._stage_records().pop(adapter_name, None)
         self._install_hooks()
+        self._sync_current_stage()
         self._refresh_routes()
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs) -> None:
+        """Refused for HEFT adapters (before anything is built): their interventions cannot be combined by weight."""
+        raise ValueError(
+            f"add_weighted_adapter() cannot combine HEFT adapters ({', '.join(map(repr, adapters))} into "
+            f"{adapter_name!r}): a ReFT intervention h + R^T(W h + b - R h) is not linear in its orthonormal rotation "
+            "R, so a weighted sum of the adapters' weights is neither orthonormal nor any weighted combination of "
+            "their effects, and building the new adapter's interventions at random (as PEFT's LoRA path would) "
+            "gives an adapter that saves and reloads but was never trained. Run several adapters in one batch with "
+            "`model(..., adapter_names=[...])` (one adapter per row), or train a new adapter; nothing was added."
+        )
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):
@@ -552,10 +672,42 @@ class HeftModel(LoraModel):
                 "was saved with these weights."
             )
         tuner = _find_heft_tuner(model)
-        if tuner is not None and not config.inference_mode and adapter_name in tuner.active_adapters:
+        if tuner is not None and not config.inference_mode:
             # a loaded adapter applies both parts; training continues on both until set_stage() says otherwise
-            tuner.set_stage("joint")
+            tuner._loaded_for_training(adapter_name)
         return remapped
+
+
+class _RowSubset(nn.Module):
+    """One adapter's intervention restricted to its rows of a mixed batch (``adapter_names=``): other rows unchanged."""
+
+    def __init__(self, intervention: nn.Module, adapter: str, rows: list[bool]) -> None:
+        super().__init__()
+        self.intervention = intervention
+        self.adapter = adapter
+        self.rows = rows
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        if base.shape[0] != len(self.rows):
+            raise ValueError(
+                f"adapter_names has {len(self.rows)} name(s), but the batch has {base.shape[0]} row(s); pass one "
+                "adapter name per row (generate() with num_return_sequences > 1 repeats rows: repeat the names too)."
+            )
+        selected = torch.tensor(self.rows, device=base.device).view(-1, *([1] * (base.dim() - 1)))
+        return torch.where(selected, self.intervention(base), base)
+
+
+def _refuse_data_parallel_replica(module: nn.Module) -> None:
+    """``torch.nn.DataParallel`` runs replicas of the model (``module._is_replica``, set by ``nn.Module``'s replication
+    for DataParallel): their hooks would run the original's interventions, on the first device, for every replica."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "HEFT models cannot run under torch.nn.DataParallel: its replicas share the original model's forward "
+            "hooks, so every replica would apply the interventions of the original (on the first GPU), not its own "
+            "copy. Use DistributedDataParallel instead: launch the script with `accelerate launch` or `torchrun "
+            "--nproc_per_node <gpus>` (the Trainer and StagedSFTTrainer then use DDP), or run on one GPU "
+            "(CUDA_VISIBLE_DEVICES=0)."
+        )
 
 
 def _check_explicit_locations(locs: torch.Tensor, total_len: int) -> None:

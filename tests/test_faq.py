@@ -155,6 +155,18 @@ def trigger(key: str, tmp_path: Path, monkeypatch) -> BaseException:
         model.base_model.set_stage("reft")
         ids = torch.arange(3, 12)[None]
         return raised_by(lambda: model(input_ids=ids, intervention_locations=[[[2, 2], [5, -1]]]))
+    if key.startswith("ValueError: add_weighted_adapter() cannot"):
+        model = get_peft_model(tiny_llama(), heft_config())
+        model.add_adapter("other", heft_config())
+        return raised_by(lambda: model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix"))
+    if key.startswith("RuntimeError: HEFT models cannot run unde"):
+        from peft_heft.model import _refuse_data_parallel_replica
+
+        model = get_peft_model(tiny_llama(), heft_config())
+        return raised_by(lambda: _refuse_data_parallel_replica(model.base_model._replicate_for_data_parallel()))
+    if key.startswith("ValueError: StagedSFTTrainer sees 2 GPUs "):
+        monkeypatch.setattr(HeftSFTConfig, "n_gpu", property(lambda self: 2))
+        return raised_by(lambda: _trainer(tmp_path))
     raise AssertionError(f"docs/faq.md quotes an error this test cannot raise yet; add a trigger: {key!r}")
 
 

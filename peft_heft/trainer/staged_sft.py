@@ -18,6 +18,7 @@ from transformers import set_seed
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, rotate_checkpoints
+from transformers.training_args import ParallelMode
 from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
@@ -556,6 +557,14 @@ def _as_heft_args(args, model) -> HeftSFTConfig:
 def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> None:
     if args.packing or args.eval_packing or args.padding_free:
         raise ValueError(_PACKING_ERROR)
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise ValueError(
+            f"StagedSFTTrainer sees {args.n_gpu} GPUs in one process, so transformers' Trainer would wrap the model in "
+            "torch.nn.DataParallel, which HEFT models cannot run under (its replicas share the original's forward "
+            "hooks and interventions). Launch the script with `accelerate launch` or `torchrun --nproc_per_node "
+            f"{args.n_gpu}` (DistributedDataParallel, one process per GPU), or make one GPU visible "
+            "(CUDA_VISIBLE_DEVICES=0)."
+        )
     if optimizers is not None and any(o is not None for o in optimizers):
         raise ValueError(
             "StagedSFTTrainer builds a fresh optimizer and schedule for each stage over that stage's parameters, so "
