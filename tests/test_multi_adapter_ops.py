@@ -49,13 +49,22 @@ def each_alone(model, ids, mask):
 @pytest.mark.parametrize("b_stage", ["reft", "lora"])
 def test_adapter_names_routes_each_rows_interventions_to_its_adapter(b_stage):
     model = two_adapter_model(b_stage=b_stage)
-    ids, mask, _ = left_padded_batch(lengths=(9, 6, 4, 8))
+    ids, mask, rows = left_padded_batch(lengths=(9, 6, 4, 8))
     alone = each_alone(model, ids, mask)
     assert (alone["b"] - alone["default"]).abs().max() > 1e-3
     names = ["b", "__base__", "default", "b"]
     mixed = logits(model, ids, mask, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=1e-5)
+    for row, (name, tokens) in enumerate(zip(names, rows, strict=True)):  # each row alone, unpadded
+        if name == "__base__":
+            with model.disable_adapter():
+                single = logits(model, tokens[None], None)[0]
+        else:
+            model.set_adapter(name)
+            single = logits(model, tokens[None], None)[0]
+        torch.testing.assert_close(mixed[row, -len(tokens) :], single, atol=1e-4, rtol=1e-4)
+    model.set_adapter("default")
     # the call's routes did not stick: the active adapter runs alone again
     torch.testing.assert_close(logits(model, ids, mask), alone["default"], atol=0, rtol=0)
 
