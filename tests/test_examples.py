@@ -128,3 +128,13 @@ def test_accelerate_two_process_example(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world size 2" in proc.stdout and "adapters identical on every rank: True" in proc.stdout
     assert (tmp_path / "r" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_example_trains_on_a_4bit_base_and_reloads(tmp_path):
+    skip_without_embedded_assets()
+    pytest.importorskip("bitsandbytes")
+    out = run_example("qlora.py", "--fast", "--output_dir", str(tmp_path / "a"), tmp_path=tmp_path)
+    assert "linear weights stored as uint8" in out and "modules in float32" in out, out[-2000:]
+    assert re.search(r"accuracy before [0-9.]+ -> after LoRA \+ ReFT [0-9.]+ \(2 \+ 2 steps\)", out), out[-2000:]
+    assert "same answers: True" in out, out[-2000:]
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
