@@ -766,7 +766,9 @@ def _hook_execution_device(module: nn.Module) -> torch.device | None:
     for candidate in [hook, *getattr(hook, "hooks", ())]:
         device = getattr(candidate, "execution_device", None)
         if device is not None:
-            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+            device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+            if device.type != "meta":
+                return device
     return None
 
 
@@ -781,13 +783,14 @@ def _execution_device(model: nn.Module, layer: nn.Module, prefix: str) -> torch.
         device = _hook_execution_device(module)
         if device is not None:
             return device
-    found = None
-    for module in model.modules():  # an ancestor's hook (a device map at a coarser level than the layers)
-        if module is layer:
-            return found
-        if any(child is layer for child in module.modules()):
-            found = _hook_execution_device(module) or found
-    return found
+    # an ancestor's hook (a device map at a coarser level than the layers), the nearest one first
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    while name:
+        name = name.rpartition(".")[0]
+        device = _hook_execution_device(model.get_submodule(name))
+        if device is not None:
+            return device
+    return None
 
 
 def _find_heft_tuner(model) -> HeftModel | None:

@@ -145,3 +145,19 @@ def test_layers_split_over_two_gpus_match_the_single_device_model(tmp_path, save
         uncached = model.generate(**cuda_batch, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(cached, uncached)
+
+
+def test_execution_device_of_an_offloaded_layer_comes_from_accelerate_hooks():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from peft_heft.model import _execution_device
+
+    model = tiny_llama()
+    assert _execution_device(model, model.model.layers[2], "lora_") == torch.device("cpu")  # its weights' device
+    model = tiny_llama().to("meta")
+    layer = model.model.layers[2]
+    assert _execution_device(model, layer, "lora_") is None  # nothing known: torch's default device
+    add_hook_to_module(model.model, AlignDevicesHook(execution_device="cpu"))  # an ancestor's hook
+    assert _execution_device(model, layer, "lora_") == torch.device("cpu")
+    add_hook_to_module(layer.mlp.up_proj, AlignDevicesHook(execution_device="meta"))  # "meta" says nothing
+    assert _execution_device(model, layer, "lora_") == torch.device("cpu")
