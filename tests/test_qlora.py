@@ -184,3 +184,18 @@ def test_half_precision_base_keeps_float32_interventions_and_matches_float32_mod
     assert (expected - base).abs().max() > 0.1  # the adapter changes the outputs
     # HEFT on the bf16 base is as close to the float32 model as the bf16 base is to the float32 base
     assert (got.float() - expected).abs().max() <= 3 * (half_base.float() - base).abs().max() + 1e-2
+
+
+def test_staged_trainer_wraps_a_quantized_base_given_a_heft_config(tmp_path, saved_base):
+    base = load_quantized(saved_base, "nf4")
+    trainer = StagedSFTTrainer(
+        base,
+        args=cpu_sft_args(str(tmp_path / "out"), lora_max_steps=2, reft_max_steps=2),
+        train_dataset=make_dataset("prompt_completion", 16),
+        processing_class=tiny_tokenizer(),
+        peft_config=sft_heft_config(),  # TRL prepares the k-bit model and wraps it
+    )
+    output = trainer.train()
+    assert output.metrics["lora_train_steps"] == 2 and output.metrics["reft_train_steps"] == 2
+    interventions = list(trainer.model.base_model.heft_interventions.parameters())
+    assert interventions and {p.dtype for p in interventions} == {torch.float32}
