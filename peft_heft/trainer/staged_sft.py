@@ -565,6 +565,17 @@ def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> Non
             f"{args.n_gpu}` (DistributedDataParallel, one process per GPU), or make one GPU visible "
             "(CUDA_VISIBLE_DEVICES=0)."
         )
+    engine = _sharding_engine(args)
+    if engine is not None:
+        name, source = engine
+        raise ValueError(
+            f"StagedSFTTrainer does not support {name} ({source}) yet: each stage changes which parameters require "
+            "grad (LoRA, then the interventions) and rebuilds the optimizer, and from the second stage on "
+            f"transformers' Trainer would do that on a model {name} has already wrapped ({_SHARDING_DETAIL[name]}). "
+            "That is not tested, so it is refused. What works: DistributedDataParallel over several GPUs "
+            "(`accelerate launch` or `torchrun --nproc_per_node <gpus>` without FSDP/DeepSpeed), and QLoRA "
+            "(a 4-bit base) on one GPU."
+        )
     if optimizers is not None and any(o is not None for o in optimizers):
         raise ValueError(
             "StagedSFTTrainer builds a fresh optimizer and schedule for each stage over that stage's parameters, so "
@@ -585,6 +596,31 @@ def _check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> Non
             )
     elif peft_config is None:
         raise ValueError("StagedSFTTrainer needs peft_config=HeftConfig(...) (or a model already wrapped with HEFT).")
+
+
+_SHARDING_DETAIL = {
+    "FSDP": "it shards the parameters when the first stage prepares the model, and accelerate does not re-shard an "
+    "already wrapped model for the next stage",
+    "DeepSpeed": "it builds its engine and ZeRO optimizer over the parameters that require grad when the first stage "
+    "prepares the model; the next stage would build a second engine around the same, already partitioned model",
+}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _sharding_engine(args: HeftSFTConfig) -> tuple[str, str] | None:
+    """FSDP or DeepSpeed, as set in the training arguments or by `accelerate launch`'s config (its env variables)."""
+    if args.deepspeed:
+        return "DeepSpeed", "args.deepspeed is set"
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed", "ACCELERATE_USE_DEEPSPEED=true, from accelerate's config"
+    if args.fsdp or getattr(args, "fsdp_plugin_args", None) is not None:
+        return "FSDP", "args.fsdp is set"
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP", "ACCELERATE_USE_FSDP=true, from accelerate's config"
+    return None
 
 
 # ------------------------------------------------------------------ early checks with clear messages
