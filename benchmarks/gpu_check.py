@@ -176,14 +176,18 @@ def compare(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> dict:
 
 
 def stage_losses(trainer) -> dict:
-    """First logged training loss of each stage, and the mean of its last 5 (logging_steps=1)."""
+    """First logged training loss of each stage, the mean of its last 5 (logging_steps=1), its largest grad norm."""
     out = {}
     for stage in trainer.args.stage_order:
         losses = [e["loss"] for e in trainer.stage_log_history if e.get("stage") == stage and "loss" in e]
+        grad_norms = [
+            e["grad_norm"] for e in trainer.stage_log_history if e.get("stage") == stage and "grad_norm" in e
+        ]
         out[stage] = {
             "train_loss_first_step": losses[0] if losses else None,
             "train_loss_last5_mean": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
             "steps_logged": len(losses),
+            "grad_norm_max": max(grad_norms) if grad_norms else None,  # 0: the stage's parameters got no gradient
         }
     return out
 
@@ -252,7 +256,8 @@ def check_qlora_staged(setup: Setup, state: dict) -> dict:
     model = get_peft_model(prepare(base, use_gradient_checkpointing=False), heft_config())
     result, trained, adapter = train_stages(setup, model, "qlora")
     fresh, _ = quantized_base(setup)
-    reloaded = PeftModel.from_pretrained(fresh, str(adapter))
+    # prepared as the trained base was (prepare_model_for_kbit_training casts the norms and embeddings to float32)
+    reloaded = PeftModel.from_pretrained(prepare(fresh, use_gradient_checkpointing=False), str(adapter))
     # bf16 LoRA (TRL's cast for quantized models) against the reloaded float32 LoRA layers: the bf16 tolerance
     result["reload"] = compare(logits(trained, setup), logits(reloaded, setup), torch.bfloat16)
     result["quantized_weight_dtypes"] = weight_dtypes
@@ -434,7 +439,10 @@ def numbers(result: dict) -> str:
         parts.append(f"reload relative_diff={result['reload']['relative_diff']:.3g}")
     for stage, s in result.get("stages", {}).items():
         if s["train_loss_first_step"] is not None:
-            parts.append(f"{stage} train loss {s['train_loss_first_step']:.3f} -> {s['train_loss_last5_mean']:.3f}")
+            parts.append(
+                f"{stage} train loss {s['train_loss_first_step']:.3f} -> {s['train_loss_last5_mean']:.3f}, "
+                f"max grad norm {s['grad_norm_max']}"
+            )
     for r in result.get("ratios", []):
         value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
         parts.append(f"{r['ratio']} {value} ({r['target']})")
