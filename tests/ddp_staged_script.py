@@ -15,9 +15,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore")
 
-from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokenizer  # noqa: E402
+from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer  # noqa: E402
 
-from peft_heft import HeftCallback, HeftConfig, StagedSFTTrainer  # noqa: E402
+from peft_heft import HeftCallback, StagedSFTTrainer  # noqa: E402
 
 
 def adapter_vector(model, kind):
@@ -54,15 +54,7 @@ def main(output_dir):
     args = cpu_sft_args(
         output_dir, per_device_train_batch_size=4, lora_max_steps=5, reft_max_steps=5, gradient_checkpointing=True
     )
-    config = HeftConfig(
-        task_type="CAUSAL_LM",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        intervention_layers=[0, 1],
-        intervention_rank=2,
-        intervention_positions="f2+l2",
-    )
+    config = sft_heft_config()
     check = CheckRanks()
     trainer = StagedSFTTrainer(
         tiny_sft_model(),
