@@ -8,6 +8,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from peft_heft import HeftCallback
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 WORDS = [f"w{i}" for i in range(24)] + ["yes", "no", "?", "Answer:", "Is", "it", "big"]
 
@@ -127,3 +129,21 @@ def sft_heft_config(**overrides):
     )
     kwargs.update(overrides)
     return HeftConfig(**kwargs)
+
+
+class Crash(RuntimeError):
+    """A simulated crash in the middle of training (resume tests)."""
+
+
+class CrashAt(HeftCallback):
+    """Raises :class:`Crash` at a given global step of a given stage."""
+
+    def __init__(self, stage, step):
+        self.stage, self.step, self.current = stage, step, None
+
+    def on_stage_begin(self, args, state, control, stage=None, **kwargs):
+        self.current = stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.current == self.stage and state.global_step == self.step:
+            raise Crash(f"killed in {self.stage} at step {self.step}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
+from sft_fixtures import Crash, CrashAt, cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, complete_checkpoints
@@ -352,22 +352,6 @@ def test_final_save_reloads_with_identical_logits(tmp_path):
         expected = model(**kwargs).logits
         got = loaded(**kwargs).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(HeftCallback):
-    def __init__(self, stage, step):
-        self.stage, self.step, self.current = stage, step, None
-
-    def on_stage_begin(self, args, state, control, stage=None, **kwargs):
-        self.current = stage
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.current == self.stage and state.global_step == self.step:
-            raise Crash(f"killed in {self.stage} at step {self.step}")
 
 
 def _adapter_weights(trainer):

@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 from datasets import Dataset
-from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
+from sft_fixtures import Crash, CrashAt, cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
 
-from peft_heft import HeftCallback, HeftConfig, StagedSFTTrainer
+from peft_heft import HeftConfig, StagedSFTTrainer
 from peft_heft.trainer.checkpoints import MARKER_NAME, checkpoint_problem, complete_checkpoints, read_marker
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -243,10 +243,6 @@ def test_model_folder_without_tokenizer_files_needs_processing_class(tmp_path):
 
 
 # ------------------------------------------------------------------ 7. damaged checkpoints
-class Crash(RuntimeError):
-    pass
-
-
 CHECKPOINT_ARGS = dict(lora_max_steps=6, reft_max_steps=4, save_strategy="steps", save_steps=3)
 
 
@@ -409,18 +405,6 @@ def test_same_adapter_written_differently_resumes(run_copy):
 
 
 # ------------------------------------------------------------------ 9. train_loss of a resumed run
-class CrashAt(HeftCallback):
-    def __init__(self, stage, step):
-        self.stage, self.step, self.current = stage, step, None
-
-    def on_stage_begin(self, args, state, control, stage=None, **kwargs):
-        self.current = stage
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.current == self.stage and state.global_step == self.step:
-            raise Crash(f"killed in {self.stage} at step {self.step}")
-
-
 LOSS_KEYS = ("train_loss", "lora_train_loss", "reft_train_loss")
 
 
