@@ -62,15 +62,19 @@ def main(argv: list[str] | None = None) -> None:
         model=model, args=args, train_dataset=data["train"], processing_class=tokenizer, peft_config=config
     )
     output = trainer.train()
-    trainer.save_model()
 
     # every rank must hold the same adapter: compare a checksum of the trainable weights across processes
     adapter = [p for n, p in trainer.model.named_parameters() if "lora_" in n or "heft_interventions" in n]
-    checksum = torch.stack([p.detach().float().double().sum() for p in adapter]).sum().to(trainer.args.device)
+    checksum = torch.stack([p.detach().double().sum() for p in adapter]).sum().to(trainer.args.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     gathered = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(gathered, checksum) if world > 1 else gathered.__setitem__(0, checksum)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
+    # Compare before saving, and pass a barrier: gloo's worker thread releases the tensors of a collective (which
+    # takes the GIL) after the caller has its result; a process group torn down at once, by the DDP wrapper freed
+    # when main() returns while the GIL is held, joins that thread and both wait forever (seen: a hang at exit).
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model()
     if trainer.is_world_process_zero():
         print(
             f"world size {world}; LoRA stage {output.metrics['lora_train_steps']} steps, ReFT stage "

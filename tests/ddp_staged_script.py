@@ -72,6 +72,10 @@ def main(output_dir):
         check.results["global_step"] = out.global_step
         with open(os.path.join(output_dir, "results.json"), "w") as handle:
             json.dump(check.results, handle)
+    # Pass a barrier after the last collective on Python tensors (the all_gather above): gloo's worker thread frees
+    # them (taking the GIL) after the caller got its result, and a group torn down at once while the GIL is held
+    # joins that thread and hangs (seen in CI with examples/accelerate_two_processes.py).
+    trainer.accelerator.wait_for_everyone()
     # Leave the gloo group cleanly: a process that exits with the group alive can abort in its threads' teardown
     # ("terminate called without an active exception", seen once in CI after both stages had trained)
     trainer.accelerator.end_training()
