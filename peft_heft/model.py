@@ -20,6 +20,7 @@ from .hooks import ForwardPlan, intervene, locate
 from .interventions import build_intervention
 from .layers import find_decoder_layers, model_dimensions, resolve_layers
 from .positions import compute_locations, normalize_locations
+from .prompt_tokens import PROMPT_LENGTHS_KWARG, PromptHint, warn_once
 
 INTERVENTIONS_ATTR = "heft_interventions"
 STAGES = ("lora", "reft", "joint", "frozen")
@@ -53,8 +54,10 @@ class HeftModel(LoraModel):
     Created by ``peft.get_peft_model(model, HeftConfig(...))`` after ``import peft_heft``. The LoRA part is PEFT's own
     ``LoraModel`` (every ``LoraConfig`` option works). The interventions live on this tuner in
     ``heft_interventions[adapter_name]`` and act through forward hooks on the decoder layers, so the wrapped model
-    keeps the standard Hugging Face forward signature; ``intervention_locations`` may be passed to ``forward`` and
-    ``generate`` to override the positions derived from the attention mask.
+    keeps the standard Hugging Face forward signature. Interventions go on the prompt tokens of each row: a call
+    with ``intervention_locations`` uses them; else ``intervention_prompt_lengths`` (one count per row) or
+    ``labels`` (the tokens before the first label != -100) say where the prompt ends; else the whole input is the
+    prompt (see :mod:`peft_heft.prompt_tokens`).
 
     Training is staged with :meth:`set_stage`:
 
@@ -287,6 +290,18 @@ class HeftModel(LoraModel):
     def _take_explicit_locations_hook(self, module, args, kwargs):
         """Forward pre-hook on the wrapped model: take ``intervention_locations`` out of this call's inputs."""
         explicit = kwargs.pop("intervention_locations", None)
+        lengths = kwargs.pop(PROMPT_LENGTHS_KWARG, None)
+        if explicit is not None and lengths is not None:
+            raise ValueError(
+                f"Pass either intervention_locations or {PROMPT_LENGTHS_KWARG} to a HEFT model call, not both: the "
+                "locations already say where the interventions go."
+            )
+        if explicit is None:
+            labels = kwargs.get("labels")
+            if lengths is not None:
+                explicit = PromptHint(prompt_lengths=torch.as_tensor(lengths))
+            elif isinstance(labels, torch.Tensor) and labels.dim() == 2:
+                explicit = PromptHint(labels=labels)
         call_state.set_explicit_locations(id(self), explicit if explicit is not None else UNSET)
         return args, kwargs
 
@@ -330,6 +345,16 @@ class HeftModel(LoraModel):
             absolute = self._pinned_locations(generation.pinned, batch)
         else:
             explicit = call_state.explicit_locations(owner)
+            if isinstance(explicit, PromptHint):
+                mask = explicit.prompt_mask(mask, batch, offset + seq_len, offset)  # the prompt's tokens only
+                explicit = None
+            elif explicit is None and mask is None and batch > 1:
+                warn_once(
+                    "batch-without-mask",
+                    f"A HEFT model got {batch} rows without an attention_mask: every token counts as real, so "
+                    "intervention positions counted from the end of a padded row land on padding. Pass the "
+                    "attention_mask (or intervention_locations) with batched calls.",
+                )
             absolute = self._locations(batch, offset + seq_len, mask, explicit, shaped.device)
         located = {key: locate(locs, offset, seq_len, self._hidden_size) for key, locs in absolute.items()}
         plan = ForwardPlan(batch=batch, seq_len=seq_len)
@@ -538,8 +563,8 @@ class HeftModel(LoraModel):
     def generate(self, *args, **kwargs):
         """``generate`` with interventions on the prompt positions.
 
-        Locations are computed once from the prompt (or taken from ``intervention_locations``) and pinned for the
-        whole call, in this call's own context (concurrent calls in other threads do not see them). Prompt positions
+        Locations are computed once from the prompt (or taken from ``intervention_locations``, or from the first
+        ``intervention_prompt_lengths[i]`` real tokens of each row) and pinned for the whole call, in this call's own context (concurrent calls in other threads do not see them). Prompt positions
         are intervened during prefill (also when it is chunked) and reach new tokens through the KV cache; with
         ``use_cache=False`` every step recomputes the prompt with the same interventions, so both give the same
         tokens. Beam search and ``num_return_sequences`` repeat the locations per row. Without an
@@ -547,6 +572,9 @@ class HeftModel(LoraModel):
         on, so padding is never intervened on.
         """
         explicit = kwargs.pop("intervention_locations", None)
+        lengths = kwargs.pop(PROMPT_LENGTHS_KWARG, None)
+        if explicit is not None and lengths is not None:
+            raise ValueError(f"Pass either intervention_locations or {PROMPT_LENGTHS_KWARG} to generate(), not both.")
         if not self._routes:
             return self.model.generate(*args, **kwargs)
         if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
@@ -564,7 +592,10 @@ class HeftModel(LoraModel):
         if mask is None and input_ids is not None and explicit is None:
             mask = self._infer_attention_mask(input_ids, kwargs)
             kwargs["attention_mask"] = mask
-        pinned = self._locations(shaped.shape[0], shaped.shape[1], mask, explicit, shaped.device)
+        batch, prompt_len = int(shaped.shape[0]), int(shaped.shape[1])
+        if lengths is not None:  # only the first n real tokens of each row are intervened on
+            mask = PromptHint(prompt_lengths=torch.as_tensor(lengths)).prompt_mask(mask, batch, prompt_len, 0)
+        pinned = self._locations(batch, prompt_len, mask, explicit, shaped.device)
         last = max(int(locs.max()) for locs in pinned.values())
         token = call_state.start_generation(id(self), GenerationState(pinned=pinned, last_position=last))
         try:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..positions import PositionSpec, compute_locations
+from ..prompt_tokens import prompt_mask_from_lengths
 
 PROMPT_LENGTH_COLUMN = "heft_prompt_length"
 
@@ -74,12 +75,8 @@ class DataCollatorForHeft:
     def locations(self, attention_mask: torch.Tensor, prompt_lengths: list[int | None]) -> torch.Tensor:
         """``(batch, groups, n)`` locations on the first ``prompt_length`` real tokens of each row."""
         real = attention_mask.bool()
-        rank = real.long().cumsum(dim=1)  # 1-based index of each real token within its row
-        limits = torch.tensor(
-            [int(n) if n is not None else int(real[i].sum()) for i, n in enumerate(prompt_lengths)],
-            dtype=rank.dtype,
-        ).unsqueeze(1)
-        prompt_mask = real & (rank <= limits)
+        limits = torch.tensor([int(n) if n is not None else int(real[i].sum()) for i, n in enumerate(prompt_lengths)])
+        prompt_mask = prompt_mask_from_lengths(real, limits)
         batch, seq_len = attention_mask.shape
         spec = self.position_spec
         assert isinstance(spec, PositionSpec)  # parsed in __post_init__
