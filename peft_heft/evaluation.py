@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from .model import _find_heft_tuner
+from .prompt_tokens import PROMPT_LENGTHS_KWARG
+
 
 def extract_answer(text: str, choices: Sequence[str] | None = None, trigger: str | None = None) -> str:
     """The answer in a generated ``text``: the first of ``choices`` found (after ``trigger``), else the first line.
@@ -187,4 +190,74 @@ def evaluate_generation_accuracy(
         "predictions": predictions,
         "references": references,
         "generations": generations,
+    }
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    """Log-likelihood of each ``continuation`` after its ``context``, one row at a time, interventions on the context.
+
+    The context is tokenized alone (with the special tokens the tokenizer adds, as for `generate_answers`) and the
+    continuation is the rest of ``context + continuation``'s tokens (as lm-evaluation-harness splits them); a HEFT
+    model intervenes on the context tokens only, as `generate()` does on a prompt. No batching and no padding: a
+    reference for batched scorers.
+
+    Example:
+    ```python
+    >>> score_continuations(model, tokenizer, [("Is the sky blue? Answer:", " yes"), ("Is the sky blue? Answer:", " no")])
+    [-0.41, -1.32]
+    ```
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    try:
+        for context, continuation in pairs:
+            context_ids = tokenizer(text=context)["input_ids"]
+            whole = tokenizer(text=context + continuation)["input_ids"]
+            if not context_ids or whole[: len(context_ids)] != context_ids or len(whole) == len(context_ids):
+                raise ValueError(
+                    f"Context {context!r} does not tokenize as a non-empty prefix of context + continuation "
+                    f"{context + continuation!r}; the continuation cannot be scored on its own tokens."
+                )
+            ids = torch.tensor([whole], device=device)
+            hint = {PROMPT_LENGTHS_KWARG: [len(context_ids)]} if _find_heft_tuner(model) is not None else {}
+            logits = model(input_ids=ids, **hint).logits[0, :-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            targets = ids[0, 1:]
+            picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)[len(context_ids) - 1 :]
+            scores.append(float(picked.sum()))
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def evaluate_choice_accuracy(
+    model, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], labels: Sequence[int]
+) -> dict[str, Any]:
+    """Multiple-choice accuracy: the choice with the highest log-likelihood after its context (lm_eval's ``acc``).
+
+    Args:
+        contexts (`list[str]`): one context per question.
+        choices (`list[list[str]]`): the candidate continuations of each question (include the leading space).
+        labels (`list[int]`): the index of the right choice of each question.
+
+    Returns:
+        `dict` with `accuracy`, `correct`, `total`, the per-question `predictions` and the `scores` of every choice.
+    """
+    if not (len(contexts) == len(choices) == len(labels)) or not contexts:
+        raise ValueError("contexts, choices and labels must be non-empty and of the same length.")
+    scores = [
+        score_continuations(model, tokenizer, [(c, option) for option in opts])
+        for c, opts in zip(contexts, choices, strict=True)
+    ]
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = sum(int(p == y) for p, y in zip(predictions, labels, strict=True))
+    return {
+        "accuracy": correct / len(contexts),
+        "correct": correct,
+        "total": len(contexts),
+        "predictions": predictions,
+        "scores": scores,
     }
