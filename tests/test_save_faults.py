@@ -3,6 +3,7 @@ finished or cleaned up; config edits and damaged files refused on load with the 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,4 +200,7 @@ def test_final_save_holds_no_pickle_and_its_card_names_the_output_folder(tmp_pat
     assert saved_args["lora_max_steps"] == 1 and saved_args["stage_order"] == ["lora", "reft"]
     card = (out / "README.md").read_text()
     assert STAGING_PREFIX not in card
+    # the loading code a user copies from the card names the folder the adapter ended up in (not the staging one)
+    snippet = re.search(r'AutoPeftModelForCausalLM\.from_pretrained\("([^"]+)"\)', card)
+    assert snippet and os.path.samefile(snippet.group(1), out), card
     assert not [n for n in names if n.startswith(STAGING_PREFIX)]
