@@ -20,7 +20,14 @@ register_heft()
 __version__ = "0.1.0.dev0"
 
 # The trainer pulls in TRL; import it on first use so `import peft` (which autoloads peft_heft) stays light.
-_TRAINER_EXPORTS = ("DataCollatorForHeft", "HeftCallback", "HeftSFTConfig", "StagedSFTTrainer")
+_TRAINER_EXPORTS = (
+    "DataCollatorForHeft",
+    "HeftCallback",
+    "HeftDPOConfig",
+    "HeftDPOTrainer",
+    "HeftSFTConfig",
+    "StagedSFTTrainer",
+)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,17 @@
-"""HEFT training on TRL: the staged SFT trainer, its config, collator and callbacks."""
+"""HEFT training on TRL: the staged SFT trainer, its config, collator and callbacks, and the DPO trainer."""
 
 from .callbacks import HeftCallback, StageProgressCallback
 from .collator import DataCollatorForHeft
 from .config import HeftSFTConfig
+from .dpo import HeftDPOConfig, HeftDPOTrainer
 from .staged_sft import StagedSFTTrainer
 
-__all__ = ["DataCollatorForHeft", "HeftCallback", "HeftSFTConfig", "StageProgressCallback", "StagedSFTTrainer"]
+__all__ = [
+    "DataCollatorForHeft",
+    "HeftCallback",
+    "HeftDPOConfig",
+    "HeftDPOTrainer",
+    "HeftSFTConfig",
+    "StageProgressCallback",
+    "StagedSFTTrainer",
+]
