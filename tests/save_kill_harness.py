@@ -100,4 +100,7 @@ for index in range(rounds):
     print(json.dumps({"round": index, "last_complete": last_complete, "loaded": got, "litter": litter}), flush=True)
     if got and len(got) == 1:
         next_k = max(got[0], last_complete or 0) + 1
+        # a save cut after its commit point is the folder's newest complete save, though its child never reported
+        # it: the next round's "old adapter" is that one (else a next cut save reads as two saves ahead)
+        last_complete = max(got[0], last_complete or 0)
 print(json.dumps({"save_seconds": save_seconds}), flush=True)

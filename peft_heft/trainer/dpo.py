@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from accelerate.utils import is_peft_model
 from peft import PeftConfig
@@ -27,8 +27,7 @@ from trl import DPOConfig, DPOTrainer
 from ..config import HeftConfig
 from ..model import HeftModel, _find_heft_tuner
 from ..modelcard import loading_snippet
-from ..saving import finish_interrupted_saves, new_staging_folder, replace_into
-from .staged_sft import _point_card_at, _training_args_as_json
+from .staged_sft import save_staged
 
 logger = logging.get_logger(__name__)
 
@@ -250,19 +249,7 @@ class HeftDPOTrainer(DPOTrainer):
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else str(self.args.output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        finish_interrupted_saves(output_dir, remove_incomplete=True)
-        staging = new_staging_folder(output_dir)
-        try:
-            card = os.path.join(output_dir, "README.md")
-            if os.path.isfile(card):  # PEFT updates an existing card in place: keep what the user wrote in it
-                shutil.copy2(card, os.path.join(staging, "README.md"))
-            super().save_model(staging, _internal_call=True)
-            _training_args_as_json(staging, cast(Any, self.args))
-            _point_card_at(os.path.join(staging, "README.md"), staging, output_dir)
-            replace_into(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_staged(output_dir, self.args, lambda staging: super(HeftDPOTrainer, self).save_model(staging, True))
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

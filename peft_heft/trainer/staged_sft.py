@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from accelerate.utils import is_peft_model
@@ -448,19 +449,7 @@ class StagedSFTTrainer(SFTTrainer):
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self._output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        finish_interrupted_saves(output_dir, remove_incomplete=True)
-        staging = new_staging_folder(output_dir)
-        try:
-            card = os.path.join(output_dir, "README.md")
-            if os.path.isfile(card):  # PEFT updates an existing card in place: keep what the user wrote in it
-                shutil.copy2(card, os.path.join(staging, "README.md"))
-            super().save_model(staging, _internal_call=True)
-            _training_args_as_json(staging, self.args)
-            _point_card_at(os.path.join(staging, "README.md"), staging, output_dir)
-            replace_into(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_staged(output_dir, self.args, lambda staging: super(StagedSFTTrainer, self).save_model(staging, True))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -522,6 +511,29 @@ def _training_args_as_json(folder: str, args: HeftSFTConfig) -> None:
         os.remove(pickled)
     with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as handle:
         handle.write(args.to_json_string())
+
+
+def save_staged(output_dir: str, args, write: Callable[[str], None]) -> None:
+    """Run ``write(folder)`` into a staging folder inside ``output_dir``, then move its files over the old ones.
+
+    The existing card is copied in first (PEFT updates a card in place: what the user wrote in it stays), the
+    training arguments are added as ``training_args.json`` and the card's loading code is pointed at ``output_dir``;
+    `peft_heft.saving.replace_into` then commits the folder and renames each file into place. A killed save leaves
+    the old adapter or the new one.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    finish_interrupted_saves(output_dir, remove_incomplete=True)
+    staging = new_staging_folder(output_dir)
+    try:
+        card = os.path.join(output_dir, "README.md")
+        if os.path.isfile(card):
+            shutil.copy2(card, os.path.join(staging, "README.md"))
+        write(staging)
+        _training_args_as_json(staging, args)
+        _point_card_at(os.path.join(staging, "README.md"), staging, output_dir)
+        replace_into(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _point_card_at(card: str, staging: str, output_dir: str) -> None:
