@@ -213,7 +213,11 @@ def test_replace_interventions_validates_first_and_keeps_lora(tmp_path):
         assert tuner.peft_config["default"].intervention_rank == 2
     model.set_stage("reft")
     tuner.replace_interventions(
-        "default", intervention_layers=[1], intervention_rank=3, intervention_positions="f3+l3", intervention_type="noreft"
+        "default",
+        intervention_layers=[1],
+        intervention_rank=3,
+        intervention_positions="f3+l3",
+        intervention_type="noreft",
     )
     assert list(tuner.heft_interventions["default"]) == ["layer1_first", "layer1_last"]
     assert all(p.requires_grad for p in tuner.heft_interventions["default"].parameters())
@@ -233,3 +237,44 @@ def test_replace_interventions_validates_first_and_keeps_lora(tmp_path):
         again = loaded(input_ids=ids).logits
     assert torch.allclose(again, out, atol=1e-6) and not torch.allclose(again, base, atol=1e-4)
     assert peft_heft.HeftModel.replace_interventions.__doc__
+
+
+def test_heft_sft_search_flag_saves_the_best_trial(tmp_path):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+
+    from peft_heft.cli import train_from_args
+
+    model_dir = tmp_path / "tiny-model"
+    tiny_sft_model().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_dataset("prompt_completion", 48)))
+    out = tmp_path / "run"
+    flags = dict(
+        model_name_or_path=model_dir, dataset_name=data, output_dir=out, lora_r=4, lora_alpha=8,
+        lora_task_type="CAUSAL_LM", intervention_layers="0,1", intervention_rank=2, intervention_positions="f2+l2",
+        lora_max_steps=4, reft_max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=16,
+        report_to="none", save_strategy="no", eval_strategy="no", eval_split_size=16, max_length=64,
+        search=2, search_storage=f"sqlite:///{tmp_path / 'cli.db'}", use_cpu=True, bf16=False, disable_tqdm=True,
+    )  # fmt: skip
+    argv = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    argv += ["--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "False"]
+    results = train_from_args(argv)
+    assert results["search"]["trials"] == 2 and results["train"]["lora_train_steps"] == 4
+    record = json.loads((out / "search" / "study.json").read_text())
+    assert record["best_trial"] == results["search"]["best_trial"] is not None
+    saved = json.loads((out / "adapter_config.json").read_text())
+    best = record["best_params"]
+    assert saved["intervention_rank"] == best["rank"] and saved["intervention_type"] == best["intervention_type"]
+    assert saved["intervention_positions"] == f"f{best['positions']}+l{best['positions']}"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    held_out = load_dataset("json", data_files=str(data))["train"].train_test_split(test_size=16, seed=42)["test"]
+    evaluator = StagedSFTTrainer(
+        reloaded,
+        args=cpu_sft_args(str(tmp_path / "eval"), per_device_eval_batch_size=16),
+        train_dataset=make_dataset("prompt_completion", 8),
+        eval_dataset=held_out,
+        processing_class=tiny_tokenizer(),
+    )
+    assert evaluator.evaluate()["eval_loss"] == pytest.approx(record["best_value"], abs=1e-5)
