@@ -89,6 +89,19 @@ class FineStageSearchSpace:
     :meth:`default` (ranks above the model's hidden size left out); a space you give is checked against the model
     as it is (:meth:`validate`), before any training: an impossible value is an error, not skipped.
 
+    Args:
+        layers (`list`): intervention-layer choices: `"all"`, `"every<k>"` (every k-th layer from 0), `"top_half"`,
+            or lists of layer indices (negatives count from the end). Optuna records them as strings (`"1,3"`).
+        positions (`list[int]`): the values of n tried for `intervention_positions="f<n>+l<n>"`.
+        share_weights (`list[bool]`): choices of `share_intervention_weights`.
+        ranks (`list[int]`): choices of `intervention_rank`, each at most the model's hidden size.
+        intervention_types (`list[str]`, *optional*): choices of `intervention_type`; every registered type when
+            `None`.
+        learning_rate (`tuple[float, float]`, *optional*): `(low, high)` of the ReFT stage's learning rate, sampled
+            log-uniformly; `None` keeps the trainer's `reft_learning_rate`.
+        epochs (`list[float]`, *optional*): choices of the ReFT stage's epochs (they replace `reft_max_steps`);
+            `None` keeps the trainer's ReFT schedule.
+
     Example:
         ```py
         >>> space = FineStageSearchSpace(layers=["all", [1]], positions=[1, 2], ranks=[1, 2],
@@ -123,7 +136,7 @@ class FineStageSearchSpace:
         metadata={"help": "(low, high) of the fine stage's learning rate, sampled log-uniformly; None keeps args'."},
     )
     epochs: list[float] | None = field(
-        default_factory=lambda: [1, 2, 3],
+        default_factory=lambda: [1.0, 2.0, 3.0],
         metadata={"help": "Choices of the fine stage's epochs; None keeps the trainer's reft schedule (steps too)."},
     )
 
@@ -206,7 +219,9 @@ class FineStageSearchSpace:
         schedule: dict[str, Any] = {}
         if self.learning_rate is not None:
             low, high = self.learning_rate
-            schedule["learning_rate"] = trial.suggest_float("learning_rate", low, high, log=True) if low < high else low
+            schedule["learning_rate"] = (
+                trial.suggest_float("learning_rate", low, high, log=True) if low < high else low
+            )
         if self.epochs is not None:
             schedule["epochs"] = trial.suggest_categorical("epochs", list(self.epochs))
         return settings, schedule

@@ -291,7 +291,8 @@ class StagedSFTTrainer(SFTTrainer):
             storage (`str`, *optional*): an Optuna storage URL such as `"sqlite:///search.db"`; the study is loaded
                 from it if it exists (resume), and the coarse stage is reloaded from `<output_dir>/search/coarse`.
             study_name (`str`, *optional*): the study's name (`"heft-fine-stage"` with a storage).
-            sampler, pruner: Optuna's; by default `TPESampler(seed=args.seed)` and Optuna's default pruner.
+            sampler (`optuna.samplers.BaseSampler`, *optional*): by default `TPESampler(seed=args.seed)`.
+            pruner (`optuna.pruners.BasePruner`, *optional*): by default Optuna's (`MedianPruner`).
             output_dir (`str`, *optional*): where `search/` goes; `args.output_dir` by default.
 
         Raises:
