@@ -69,9 +69,9 @@ class PruneOddTrials(optuna.pruners.BasePruner):
         return trial.number % 2 == 1 and bool(trial.intermediate_values)
 
 
-def make_trainer(output_dir, recorder=None, model=None, eval_dataset=True):
+def make_trainer(output_dir, recorder=None, model=None, eval_dataset=True, **overrides):
     evaluation = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16) if eval_dataset else {}
-    args = cpu_sft_args(str(output_dir), **evaluation)
+    args = cpu_sft_args(str(output_dir), **{**evaluation, **overrides})
     return StagedSFTTrainer(
         model if model is not None else tiny_sft_model(),
         args=args,
@@ -193,6 +193,17 @@ def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(t
     assert all(t["state"] == "complete" and t["value"] is not None for t in record["trials"])
     # the best of all four trials is on the model, whichever run found it
     assert trainer.evaluate()["eval_loss"] == pytest.approx(study.best_value, abs=1e-5)
+
+    # another LoRA schedule: the stored study (run on the old coarse stage) refuses to continue, before training;
+    # a new study trains the coarse stage again instead of reusing the saved one
+    third = Recorder()
+    other = make_trainer(tmp_path / "out", third, lora_learning_rate=5e-3)
+    with pytest.raises(ValueError, match="other LoRA settings"):
+        other.search_fine_stage(1, FineStageSearchSpace(**SPACE), storage=storage)
+    assert third.steps["lora"] == 0
+    other.search_fine_stage(1, FineStageSearchSpace(**SPACE), storage=storage, study_name="another")
+    assert third.steps["lora"] == 6
+    assert any(not torch.equal(third.coarse[n], first.coarse[n]) for n in first.coarse)
 
 
 def test_replace_interventions_validates_first_and_keeps_lora(tmp_path):

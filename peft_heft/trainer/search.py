@@ -14,10 +14,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..config import MAX_INTERVENTION_POSITIONS, HeftConfig
 from ..interventions import INTERVENTION_TYPES
@@ -31,6 +33,7 @@ COARSE_MARKER = "coarse.json"
 BEST_WEIGHTS = "best_interventions.safetensors"
 BEST_JSON = "best.json"
 STUDY_JSON = "study.json"
+logger = logging.get_logger(__name__)
 STUDY_PLOT = "study.png"
 DEFAULT_STUDY_NAME = "heft-fine-stage"
 OPTUNA_MISSING = (
@@ -392,6 +395,31 @@ def _sync_collator(trainer, config: HeftConfig) -> None:
         collator.share_weights = config.share_intervention_weights
 
 
+def _coarse_fingerprint(trainer, config: HeftConfig) -> Any:
+    """What the coarse stage's weights depend on: the LoRA settings, the LoRA stage's schedule, the seed, the data
+    size. A saved coarse stage is reused only under the same fingerprint."""
+    from .staged_sft import _ADAPTER_FIELDS
+
+    args = trainer.args
+    lora_fields = [f for f in _ADAPTER_FIELDS if not f.startswith(("intervention_", "share_intervention", "base_"))]
+    adapter = {name: getattr(config, name, None) for name in lora_fields}
+    for name, value in adapter.items():
+        if isinstance(value, (set, frozenset)):
+            adapter[name] = sorted(value)
+    dataset = trainer.train_dataset
+    data = {"train_rows": len(dataset) if hasattr(dataset, "__len__") else None}
+    fingerprint = {
+        "adapter": adapter,
+        "lora_stage": args.stage_options("lora"),
+        "stage_order": list(args.stage_order),
+        "seed": args.seed,
+        "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "data": data,
+        "base_model": getattr(config, "base_model_name_or_path", None),
+    }
+    return json.loads(json.dumps(fingerprint, default=str))  # as it reads back from coarse.json
+
+
 def _better(value: float, best: float | None, direction: str) -> bool:
     if best is None:
         return True
@@ -500,6 +528,21 @@ def run_fine_stage_search(
     coarse_params = adapter_weights(trainer.model, adapter, interventions=False)
     marker_path = os.path.join(coarse_folder, COARSE_MARKER)
     marker = _load_json(marker_path)
+    fingerprint = _coarse_fingerprint(trainer, base_config)
+    recorded = study.user_attrs.get("coarse_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(
+            f"The study {study.study_name!r} in {storage} was run on a coarse stage trained with other LoRA settings, "
+            "schedule, seed or data than this run's, so its trials cannot be compared with new ones. Resume it with "
+            "its settings, or pass another study_name (or storage) for a new study."
+        )
+    study.set_user_attr("coarse_fingerprint", fingerprint)
+    if marker is not None and marker.get("fingerprint") != fingerprint and "lora" not in trainer._completed_stages:
+        logger.warning(
+            f"{coarse_folder} holds a coarse stage trained with other LoRA settings, schedule, seed or data than "
+            "this run's: it is trained again and replaced."
+        )
+        marker = None
     if "lora" not in trainer._completed_stages and marker is not None:
         restore(coarse_params, load_file(os.path.join(coarse_folder, COARSE_WEIGHTS)))
         trainer._completed_stages = {"lora": dict(marker["metrics"])}
@@ -511,7 +554,11 @@ def run_fine_stage_search(
                 trainer._train_stage(coarse_index, "lora", None, None, None)
             finally:
                 trainer._stage_index = trainer._stage_name = None
-        marker = {"metrics": trainer._completed_stages["lora"], "log_history": trainer.stage_log_history}
+        marker = {
+            "fingerprint": fingerprint,
+            "metrics": trainer._completed_stages["lora"],
+            "log_history": trainer.stage_log_history,
+        }
         save_file(snapshot(coarse_params), os.path.join(coarse_folder, COARSE_WEIGHTS))
         _write_json(marker_path, marker)
     coarse_metrics = dict(trainer._completed_stages["lora"])
@@ -525,11 +572,13 @@ def run_fine_stage_search(
     coarse = snapshot(coarse_params)
 
     # ---- the best trial so far: in memory, and on disk for a resumed study
-    best = _load_json(os.path.join(folder, BEST_JSON))
+    best_folder = os.path.join(folder, "best", re.sub(r"[^A-Za-z0-9._-]", "_", study.study_name))
+    os.makedirs(best_folder, exist_ok=True)
+    best = _load_json(os.path.join(best_folder, BEST_JSON))
     if best is not None and best.get("study_name") != study.study_name:
         best = None
     if best is not None:
-        best["weights"] = load_file(os.path.join(folder, BEST_WEIGHTS))
+        best["weights"] = load_file(os.path.join(best_folder, BEST_WEIGHTS))
 
     per_stage = ("reft_learning_rate", "reft_num_train_epochs", "reft_max_steps")
     saved_args = {name: getattr(args, name) for name in (*per_stage, "save_strategy", "load_best_model_at_end")}
@@ -575,8 +624,8 @@ def run_fine_stage_search(
                 "metrics": metrics,
                 "log_history": trainer.stage_log_history[len(coarse_log) :],
             }
-            save_file(weights, os.path.join(folder, BEST_WEIGHTS))
-            _write_json(os.path.join(folder, BEST_JSON), best)
+            save_file(weights, os.path.join(best_folder, BEST_WEIGHTS))
+            _write_json(os.path.join(best_folder, BEST_JSON), best)
             best["weights"] = weights
         return value
 
@@ -603,5 +652,10 @@ def run_fine_stage_search(
         trainer.stage_log_history = coarse_log + list(best["log_history"])
         trainer.state.log_history = list(trainer.stage_log_history)
         heft.set_stage("reft")
+    elif complete:
+        logger.warning(
+            f"The best trial ({study.best_trial.number}) of study {study.study_name!r} has no saved weights in "
+            f"{best_folder}; the model keeps the coarse stage and the last interventions, not the best trial's."
+        )
     write_study(study, metric, folder)
     return study
