@@ -184,6 +184,7 @@ def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(t
     trainer = make_trainer(tmp_path / "out", second)  # a new process: a fresh model, untrained LoRA
     study = trainer.search_fine_stage(2, FineStageSearchSpace(**SPACE), storage=storage)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [t.params for t in study.trials[2:]] != [t.params for t in study.trials[:2]]  # no replayed suggestions
     assert second.steps["lora"] == 0  # reloaded from out/search/coarse
     assert second.steps["reft"] > 0
     for start in second.fine_starts:
@@ -193,6 +194,15 @@ def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(t
     assert all(t["state"] == "complete" and t["value"] is not None for t in record["trials"])
     # the best of all four trials is on the model, whichever run found it
     assert trainer.evaluate()["eval_loss"] == pytest.approx(study.best_value, abs=1e-5)
+
+    # a rerun whose one trial cannot win (it hardly trains): the best trial is an earlier process's, and its
+    # weights come back from out/search/best
+    later = make_trainer(tmp_path / "out", Recorder())
+    tiny_lr = FineStageSearchSpace(**{**SPACE, "learning_rate": (1e-7, 1e-7)})
+    study = later.search_fine_stage(1, tiny_lr, storage=storage)
+    assert len(study.trials) == 5 and study.best_trial.number < 4
+    assert later.evaluate()["eval_loss"] == pytest.approx(study.best_value, abs=1e-5)
+    assert later.model.peft_config["default"].intervention_rank == study.best_trial.params["rank"]
 
     # another LoRA schedule: the stored study (run on the old coarse stage) refuses to continue, before training;
     # a new study trains the coarse stage again instead of reusing the saved one

@@ -523,6 +523,10 @@ def run_fine_stage_search(
         pruner=pruner,
         load_if_exists=True,
     )
+    if sampler is None:
+        # seeded for reproducible searches, offset by the trials already run so that a resumed study does not
+        # replay the first run's random start-up suggestions
+        study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
 
     # ---- the coarse stage: trained once (in this trainer, or by an earlier run of the search), then frozen
     coarse_params = adapter_weights(trainer.model, adapter, interventions=False)
