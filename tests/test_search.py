@@ -299,3 +299,24 @@ def test_heft_sft_search_flag_saves_the_best_trial(tmp_path):
         processing_class=tiny_tokenizer(),
     )
     assert evaluator.evaluate()["eval_loss"] == pytest.approx(record["best_value"], abs=1e-5)
+
+
+def test_search_example_runs_in_fast_mode(tmp_path):
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "search_fine_stage.py"), "--fast", "--output_dir", "run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert len(re.findall(r"^\[trial \d+\]", proc.stdout, flags=re.MULTILINE)) == 3
+    best = float(re.search(r"^\[best\] trial \d+ eval_loss ([0-9.]+)", proc.stdout, flags=re.MULTILINE)[1])
+    again = float(re.search(r"reloaded with PeftModel.from_pretrained: eval_loss ([0-9.]+)", proc.stdout)[1])
+    assert again == pytest.approx(best, abs=1e-5)
+    assert (tmp_path / "run" / "search" / "study.json").is_file() and (tmp_path / "run" / "search.db").is_file()
