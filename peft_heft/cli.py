@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,6 +391,7 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     )
     results: dict[str, Any] = {}
     if script_args.search:
+        started = time.time()
         study = trainer.search_fine_stage(
             script_args.search, storage=script_args.search_storage, study_name=script_args.search_study_name
         )
@@ -400,7 +402,8 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
             "best_value": study.best_value if done else None,
             "best_params": study.best_trial.params if done else None,
         }
-        results["train"] = trainer._combined_output(["lora", "reft"], 0.0).metrics
+        results["search"]["study_json"] = os.path.join(training_args.output_dir, "search", "study.json")
+        results["train"] = trainer._combined_output(["lora", "reft"], time.time() - started).metrics
     else:
         output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         results["train"] = output.metrics
