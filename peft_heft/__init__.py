@@ -22,6 +22,7 @@ __version__ = "0.1.0.dev0"
 # The trainer pulls in TRL; import it on first use so `import peft` (which autoloads peft_heft) stays light.
 _TRAINER_EXPORTS = (
     "DataCollatorForHeft",
+    "FineStageSearchSpace",
     "HeftCallback",
     "HeftDPOConfig",
     "HeftDPOTrainer",

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,18 @@ class HeftScriptArguments(ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N rows of the train split only (quick runs)."}
     )
+    search: int = field(
+        default=0,
+        metadata={
+            "help": "Search the ReFT stage with N Optuna trials (the default search space) from one LoRA stage, and "
+            "save the best trial's adapter; needs an eval split and `pip install optuna`. 0: no search."
+        },
+    )
+    search_storage: str | None = field(
+        default=None,
+        metadata={"help": "Optuna storage of --search, e.g. sqlite:///search.db: a rerun resumes the study."},
+    )
+    search_study_name: str | None = field(default=None, metadata={"help": "Optuna study name of --search."})
 
 
 _INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would read "1_3" as 13, and other scripts' digits
@@ -353,7 +366,9 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         if script_args.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be >= 1, got {script_args.max_train_samples}.")
         train = train.select(range(min(script_args.max_train_samples, len(train))))
-    wants_eval = training_args.eval_strategy != "no" or script_args.eval_accuracy
+    if isinstance(script_args.search, bool) or script_args.search < 0:
+        raise ValueError(f"--search takes a number of trials (>= 1, or 0 for no search), got {script_args.search!r}.")
+    wants_eval = training_args.eval_strategy != "no" or script_args.eval_accuracy or script_args.search > 0
     evaluation = data.get(script_args.dataset_test_split)
     if evaluation is None and wants_eval:
         if not script_args.eval_split_size:
@@ -374,9 +389,25 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         eval_dataset=evaluation if wants_eval else None,
         peft_config=build_heft_config(model_args, heft_args),
     )
-    output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results: dict[str, Any] = {}
+    if script_args.search:
+        started = time.time()
+        study = trainer.search_fine_stage(
+            script_args.search, storage=script_args.search_storage, study_name=script_args.search_study_name
+        )
+        done = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
+        results["search"] = {
+            "trials": len(study.trials),
+            "best_trial": study.best_trial.number if done else None,
+            "best_value": study.best_value if done else None,
+            "best_params": study.best_trial.params if done else None,
+        }
+        results["search"]["study_json"] = os.path.join(training_args.output_dir, "search", "study.json")
+        results["train"] = trainer._combined_output(["lora", "reft"], time.time() - started).metrics
+    else:
+        output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        results["train"] = output.metrics
     trainer.save_model(training_args.output_dir)
-    results = {"train": output.metrics}
     if script_args.eval_accuracy:
         choices = [c for c in (script_args.answer_choices or "").split(",") if c.strip()] or None
         accuracy = evaluate_generation_accuracy(

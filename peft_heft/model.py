@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from contextlib import contextmanager
@@ -24,6 +25,18 @@ from .prompt_tokens import PROMPT_LENGTHS_KWARG, PromptHint, warn_once
 
 INTERVENTIONS_ATTR = "heft_interventions"
 STAGES = ("lora", "reft", "joint", "frozen")
+# The HeftConfig fields that only shape the ReFT interventions: what replace_interventions() may change.
+INTERVENTION_SETTINGS = (
+    "intervention_layers",
+    "intervention_type",
+    "intervention_rank",
+    "intervention_positions",
+    "intervention_component",
+    "share_intervention_weights",
+    "intervention_dropout",
+    "intervention_act_fn",
+    "intervention_add_bias",
+)
 
 
 def _intervention_key(layer: int, group: int, num_groups: int) -> str:
@@ -538,6 +551,58 @@ class HeftModel(LoraModel):
             self.set_stage("joint")
         else:
             self._stage_records()[adapter_name] = ("joint", True)
+
+    def replace_interventions(self, adapter_name: str = "default", **settings: Any) -> None:
+        """Rebuild one adapter's ReFT interventions with new intervention settings; its LoRA weights are untouched.
+
+        The new settings are validated exactly as :class:`HeftConfig` validates them, then against this model (layers
+        in range, rank at most the hidden size), before anything changes: a refused call leaves the adapter as it was.
+        The new interventions are freshly initialized (from torch's RNG, like a new adapter's), placed on the
+        decoder layers' devices, and trainable according to the adapter's current stage; hooks and routes are
+        refreshed. The adapter's ``peft_config`` gets the new settings, so ``save_pretrained``/``from_pretrained``
+        round-trip them. Used by ``StagedSFTTrainer.search_fine_stage`` to try fine-stage settings on one coarse stage.
+
+        Args:
+            adapter_name (`str`, defaults to `"default"`): the HEFT adapter whose interventions are replaced.
+            **settings: any of ``intervention_layers``, ``intervention_type``, ``intervention_rank``,
+                ``intervention_positions``, ``intervention_component``, ``share_intervention_weights``,
+                ``intervention_dropout``, ``intervention_act_fn``, ``intervention_add_bias``; the others keep their
+                values.
+
+        Example:
+            ```py
+            >>> model.base_model.replace_interventions("default", intervention_layers=[1], intervention_rank=2,
+            ...                                        intervention_positions="f3+l3")
+            ```
+        """
+        if adapter_name not in self.peft_config or adapter_name not in getattr(self, INTERVENTIONS_ATTR, {}):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is not a HEFT adapter of this model; its adapters are "
+                f"{sorted(self.peft_config)}."
+            )
+        unknown = sorted(set(settings) - set(INTERVENTION_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"replace_interventions() changes intervention settings only; {unknown} are not among them. Use one "
+                f"of {list(INTERVENTION_SETTINGS)} (LoRA settings need a new adapter)."
+            )
+        old = cast(HeftConfig, self.peft_config[adapter_name])
+        new = dataclasses.replace(old, **settings)  # HeftConfig.__post_init__: the config's own validation
+        new.base_model_hidden_size, new.base_model_num_layers = old.base_model_hidden_size, old.base_model_num_layers
+        layers = resolve_layers(new.intervention_layers, self._num_layers)
+        if new.intervention_rank > self._hidden_size:
+            raise ValueError(
+                f"intervention_rank={new.intervention_rank} is larger than the model's hidden size "
+                f"{self._hidden_size}; use a rank <= {self._hidden_size}."
+            )
+        previous = self.heft_interventions[adapter_name]
+        autocast = any(p.dtype == torch.float32 for p in previous.parameters()) if len(previous) else True
+        self._add_interventions(self.model, adapter_name, new, layers, self._hidden_size, autocast)
+        self.peft_config[adapter_name] = new
+        self._apply_stage_flags()
+        self._install_hooks()
+        self._sync_current_stage()
+        self._refresh_routes()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

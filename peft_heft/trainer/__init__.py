@@ -4,10 +4,12 @@ from .callbacks import HeftCallback, StageProgressCallback
 from .collator import DataCollatorForHeft
 from .config import HeftSFTConfig
 from .dpo import HeftDPOConfig, HeftDPOTrainer
+from .search import FineStageSearchSpace
 from .staged_sft import StagedSFTTrainer
 
 __all__ = [
     "DataCollatorForHeft",
+    "FineStageSearchSpace",
     "HeftCallback",
     "HeftDPOConfig",
     "HeftDPOTrainer",

@@ -256,6 +256,72 @@ class StagedSFTTrainer(SFTTrainer):
         self.state.log_history = list(self.stage_log_history)
         return self._combined_output(stages, time.time() - total_start)
 
+    def search_fine_stage(
+        self,
+        n_trials: int,
+        search_space=None,
+        *,
+        metric: str = "eval_loss",
+        direction: str | None = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+        sampler=None,
+        pruner=None,
+        output_dir: str | None = None,
+    ):
+        """Train the coarse (LoRA) stage once, then search the fine (ReFT) stage with Optuna; returns the study.
+
+        The LoRA stage of `args.stage_order` is trained once (skipped when this trainer already trained it, or loaded
+        from `<output_dir>/search/coarse` when an earlier run of the search saved it there). Each of the `n_trials`
+        trials then restores the coarse weights in place (checked bitwise; the model is not reloaded), rebuilds the
+        interventions with the trial's settings ([`HeftModel.replace_interventions`]), sets the ReFT stage's learning
+        rate and epochs, and trains the ReFT stage. Every evaluation (per `eval_strategy`, and at the stage's end)
+        reports `metric` to the trial; a trial the pruner stops ends pruned. At the end the best trial's settings and
+        intervention weights are put on the model, so `save_model()` saves it as a normal HEFT adapter, and the study
+        is written to `<output_dir>/search/study.json` (every trial's number, parameters, value, state, duration) and
+        `study.png`. Stages after the ReFT stage in `stage_order` are not run by the search.
+
+        Args:
+            n_trials (`int`): trials to run in this call (a resumed study adds them to its earlier ones).
+            search_space (`FineStageSearchSpace`, *optional*): the settings to search; the default one when `None`.
+                Checked against the model before any training.
+            metric (`str`, defaults to `"eval_loss"`): the evaluation metric compared (`eval_` is prepended if
+                missing); it must be computed by `evaluate()`.
+            direction (`str`, *optional*): `"minimize"` or `"maximize"`; by default minimize losses, maximize others.
+            storage (`str`, *optional*): an Optuna storage URL such as `"sqlite:///search.db"`; the study is loaded
+                from it if it exists (resume), and the coarse stage is reloaded from `<output_dir>/search/coarse`.
+            study_name (`str`, *optional*): the study's name (`"heft-fine-stage"` with a storage).
+            sampler (`optuna.samplers.BaseSampler`, *optional*): by default `TPESampler(seed=args.seed)`.
+            pruner (`optuna.pruners.BasePruner`, *optional*): by default Optuna's (`MedianPruner`).
+            output_dir (`str`, *optional*): where `search/` goes; `args.output_dir` by default.
+
+        Raises:
+            `ImportError`: Optuna is not installed (`pip install optuna`).
+            `ValueError`: no `eval_dataset`, a metric that is not computed, several processes, a stage order without
+                a LoRA stage before a ReFT stage, or a search space this model cannot take.
+
+        Example:
+        ```python
+        >>> from peft_heft.trainer.search import FineStageSearchSpace
+        >>> study = trainer.search_fine_stage(20, FineStageSearchSpace(ranks=[1, 4]), storage="sqlite:///s.db")
+        >>> trainer.save_model()  # the best trial's adapter
+        ```
+        """
+        from .search import run_fine_stage_search
+
+        return run_fine_stage_search(
+            self,
+            n_trials,
+            search_space,
+            metric=metric,
+            direction=direction,
+            storage=storage,
+            study_name=study_name,
+            sampler=sampler,
+            pruner=pruner,
+            output_dir=output_dir,
+        )
+
     def _skip_finished_stage(
         self, index: int, stages: list[str], checkpoint: str, marker: dict | None = None
     ) -> tuple[int, str | None]:
