@@ -9,7 +9,7 @@ CONSTRAINTS := constraints/pinned.txt
 # `make test-latest`: the same tests against the newest releases of these, in a second virtualenv.
 LATEST_VENV     := .venv-latest
 LATEST_PY       := $(LATEST_VENV)/bin/python
-LATEST_PACKAGES := transformers peft trl accelerate datasets pyvene lm_eval
+LATEST_PACKAGES := transformers peft trl accelerate datasets pyvene lm_eval optuna
 # Extra pytest arguments for test, test-latest and test-slow, e.g. PYTEST_ARGS="tests/test_positions.py -x".
 PYTEST_ARGS ?=
 # On Linux without a GPU, PyPI's torch wheel is the CUDA build (several GB): take the +cpu build from PyTorch's index.
