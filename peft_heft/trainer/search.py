@@ -24,6 +24,7 @@ from transformers.utils import logging
 from ..config import MAX_INTERVENTION_POSITIONS, HeftConfig
 from ..interventions import INTERVENTION_TYPES
 from ..layers import resolve_layers
+from ..model import INTERVENTION_SETTINGS
 from .callbacks import HeftCallback
 
 SEARCH_DIR = "search"
@@ -401,7 +402,7 @@ def _coarse_fingerprint(trainer, config: HeftConfig) -> Any:
     from .staged_sft import _ADAPTER_FIELDS
 
     args = trainer.args
-    lora_fields = [f for f in _ADAPTER_FIELDS if not f.startswith(("intervention_", "share_intervention", "base_"))]
+    lora_fields = [f for f in _ADAPTER_FIELDS if f not in INTERVENTION_SETTINGS and not f.startswith("base_model_")]
     adapter = {name: getattr(config, name, None) for name in lora_fields}
     for name, value in adapter.items():
         if isinstance(value, (set, frozenset)):

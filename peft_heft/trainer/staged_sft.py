@@ -26,7 +26,7 @@ from trl.data_utils import get_dataset_column_names
 
 from ..config import HeftConfig
 from ..fs import fsync_tree
-from ..model import HeftModel, _find_heft_tuner
+from ..model import INTERVENTION_SETTINGS, HeftModel, _find_heft_tuner
 from ..modelcard import loading_snippet, update_model_card
 from ..saving import finish_interrupted_saves, new_staging_folder, replace_into
 from .callbacks import StageProgressCallback
@@ -909,15 +909,7 @@ _ADAPTER_FIELDS = (
     "use_rslora",
     "use_dora",
     "trainable_token_indices",
-    "intervention_layers",
-    "intervention_type",
-    "intervention_rank",
-    "intervention_positions",
-    "intervention_component",
-    "share_intervention_weights",
-    "intervention_dropout",
-    "intervention_act_fn",
-    "intervention_add_bias",
+    *INTERVENTION_SETTINGS,
     "base_model_hidden_size",
     "base_model_num_layers",
 )
