@@ -68,6 +68,22 @@ def loading_snippet(model_id: str) -> str:
     )
 
 
+def replace_quick_start(card_path: str, model_id: str) -> None:
+    """Replace the ``## Quick start`` section TRL writes (a plain ``pipeline``, which cannot load a HEFT adapter) by
+    :func:`loading_snippet`."""
+    with open(card_path, encoding="utf-8") as handle:
+        text = handle.read()
+    text = re.sub(
+        r"## Quick start\n.*?(?=\n## )",
+        lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
+        text,
+        count=1,
+        flags=re.DOTALL,
+    )
+    with open(card_path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def heft_card_section(
     config: HeftConfig,
     model_id: str,

@@ -14,7 +14,6 @@ loading, early refusals of what cannot work, and an adapter folder saved like `S
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..config import HeftConfig
 from ..model import HeftModel, _find_heft_tuner
-from ..modelcard import loading_snippet
+from ..modelcard import replace_quick_start
 from .staged_sft import save_staged
 
 logger = logging.get_logger(__name__)
@@ -265,17 +264,7 @@ class HeftDPOTrainer(DPOTrainer):
         if not os.path.isfile(path):
             return
         model_id = self.hub_model_id or self.args.hub_model_id or str(self.args.output_dir)
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        text = re.sub(
-            r"## Quick start\n.*?(?=\n## )",
-            lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
-            text,
-            count=1,
-            flags=re.DOTALL,
-        )
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        replace_quick_start(path, model_id)
 
 
 # ---------------------------------------------------------------------- early checks with clear messages

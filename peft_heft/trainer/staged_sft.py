@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from trl.data_utils import get_dataset_column_names
 from ..config import HeftConfig
 from ..fs import fsync_tree
 from ..model import INTERVENTION_SETTINGS, HeftModel, _find_heft_tuner
-from ..modelcard import loading_snippet, update_model_card
+from ..modelcard import replace_quick_start, update_model_card
 from ..saving import finish_interrupted_saves, new_staging_folder, replace_into
 from .callbacks import StageProgressCallback
 from .checkpoints import (
@@ -529,17 +528,7 @@ class StagedSFTTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         path = os.path.join(self._output_dir, "README.md")
         model_id = self.hub_model_id or self.args.hub_model_id or self._output_dir
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        text = re.sub(
-            r"## Quick start\n.*?(?=\n## )",
-            lambda _: "## Quick start\n\n" + loading_snippet(model_id) + "\n",
-            text,
-            count=1,
-            flags=re.DOTALL,
-        )
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        replace_quick_start(path, model_id)
         config = self.model.peft_config[self.model.active_adapter]
         training = {}
         for stage in self.args.stage_order:
