@@ -953,6 +953,142 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------- TRL's fused LM head on CPU
+def trainer_head_benchmark(args) -> None:
+    """StagedSFTTrainer steps on the embedded SmolLM2 and real reviews: TRL's own fused LM head (on CPU it projects
+    every position) against peft-heft's labelled-positions-only switch; same batch, same weights, interleaved."""
+    import trl
+
+    from peft_heft import HeftConfig, HeftSFTConfig, StagedSFTTrainer
+    from peft_heft.assets import EMBEDDED_MODEL, load_model_and_tokenizer, load_task_dataset
+
+    t_start = time.perf_counter()
+    rounds = args.steps or (2 if args.quick else 10)
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED_MODEL, dtype=torch.float32)
+    train = load_task_dataset("rotten_tomatoes")["train"].select(range(64))
+    config = HeftConfig(
+        task_type="CAUSAL_LM",
+        **LORA,
+        intervention_layers="all",
+        intervention_rank=INTERVENTION_RANK,
+        intervention_positions="f5+l5",
+    )
+    trainer = StagedSFTTrainer(
+        model,
+        args=HeftSFTConfig(
+            output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "heft-bench-trainer-head"),
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=8,
+            max_length=256,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        ),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=config,
+    )
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = inputs["labels"][:, 1:]
+    base = trainer.model.get_base_model()
+    switched = base.forward
+    variants = {"trl_full": switched.__wrapped__, "labelled_only": switched}
+
+    def step(variant: str) -> tuple[float, float, torch.Tensor]:
+        base.forward = variants[variant]
+        trainer.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+        loss.backward()
+        elapsed = time.perf_counter() - start
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        return elapsed, float(loss), grads
+
+    stages: dict[str, dict] = {}
+    for stage in ("lora", "reft"):
+        trainer._apply_stage(stage)
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        last: dict[str, tuple[float, torch.Tensor]] = {}
+        for i in range(rounds + args.warmup):
+            for v in list(variants) if i % 2 == 0 else list(reversed(variants)):
+                elapsed, loss, grads = step(v)
+                if i >= args.warmup:
+                    samples[v].append(elapsed)
+                last[v] = (loss, grads)
+        base.forward = switched
+        r: dict = {v: summarize(s) for v, s in samples.items()}
+        r["speedup_median"] = r["trl_full"]["median"] / r["labelled_only"]["median"]
+        r["paired_ratio"] = paired_ratio(samples["labelled_only"], samples["trl_full"])
+        r["loss"] = {v: last[v][0] for v in variants}
+        r["loss_abs_diff"] = abs(last["trl_full"][0] - last["labelled_only"][0])
+        r["grad_max_abs_diff"] = float((last["trl_full"][1] - last["labelled_only"][1]).abs().max())
+        stages[stage] = r
+        log(
+            f"{stage}: TRL {r['trl_full']['median'] * 1e3:.0f} ms, labelled only {r['labelled_only']['median'] * 1e3:.0f}"
+            f" ms (x{r['speedup_median']:.2f}); loss diff {r['loss_abs_diff']:.1e}, grad diff {r['grad_max_abs_diff']:.1e}"
+        )
+    env = environment()
+    env["trl"] = trl.__version__
+    env["loadavg_end"] = os.getloadavg()
+    result = {
+        "benchmark": "TRL fused LM head on CPU, StagedSFTTrainer steps",
+        "setup": {
+            "model": EMBEDDED_MODEL,
+            "data": "rotten_tomatoes train, first 64 rows; the first batch of the trainer's dataloader (seed 0)",
+            "batch": int(inputs["input_ids"].shape[0]),
+            "sequence_length": int(inputs["input_ids"].shape[1]),
+            "labelled_positions": int((labels != -100).sum()),
+            "positions": int(labels.numel()),
+            "lora": LORA,
+            "interventions": f"LoReFT rank {INTERVENTION_RANK}, all layers, f5+l5",
+            "step": "trainer.compute_loss (TRL's SFT loss through the fused head) + backward, no optimizer step",
+            "rounds": rounds,
+            "warmup_rounds": args.warmup,
+        },
+        "stages": stages,
+        "environment": env,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    md = trainer_head_markdown(result)
+    print(md)
+    out_dir = args.out if args.out is not None else (None if args.quick else REPO / "benchmarks" / "results")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "trainer_head_cpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out_dir / "trainer_head_cpu.md").write_text(md)
+        log(f"wrote {out_dir / 'trainer_head_cpu.json'} and {out_dir / 'trainer_head_cpu.md'}")
+
+
+def trainer_head_markdown(result: dict) -> str:
+    setup, env = result["setup"], result["environment"]
+    lines = [
+        "# TRL's fused LM head on CPU: every position vs the labelled positions only",
+        "",
+        f"{env['date_utc']} · {env['cpu_model']} · torch {env['torch']} ({env['torch_num_threads']} threads) · "
+        f"transformers {env['transformers']} · trl {env['trl']} · commit `{str(env['git_commit'])[:10]}`",
+        "",
+        f"Model {setup['model']} (fp32), StagedSFTTrainer. One batch of {setup['batch']} Rotten Tomatoes reviews as "
+        f"TRL's SFT builds it: {setup['sequence_length']} tokens per row, {setup['labelled_positions']} of "
+        f"{setup['positions']} next-token positions labelled. Step: {setup['step']}. Median of {setup['rounds']} "
+        f"interleaved rounds after {setup['warmup_rounds']} warmup; wall {result['wall_s'] / 60:.1f} min; load average "
+        f"{env['loadavg_start'][0]:.2f} at the start, {env['loadavg_end'][0]:.2f} at the end.",
+        "",
+        "| stage | TRL's head, every position (ms) | labelled positions only (ms) | speed-up (medians) | "
+        "per-round time ratio | loss abs diff | max grad abs diff |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, r in result["stages"].items():
+        lines.append(
+            f"| {stage} | {r['trl_full']['median'] * 1e3:.0f} | {r['labelled_only']['median'] * 1e3:.0f} | "
+            f"{r['speedup_median']:.2f}x | {r['paired_ratio']:.3f} | {r['loss_abs_diff']:.1e} | "
+            f"{r['grad_max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -977,7 +1113,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the hook path even if every target is met")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="full", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trainer-head",
+        action="store_true",
+        help="only StagedSFTTrainer steps on SmolLM2: TRL's fused LM head vs the labelled-positions-only switch "
+        "(results/trainer_head_cpu.*)",
+    )
     args = parser.parse_args()
+    if args.trainer_head:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        trainer_head_benchmark(args)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ from trl import DPOConfig, DPOTrainer
 from ..config import HeftConfig
 from ..model import HeftModel, _find_heft_tuner
 from ..modelcard import replace_quick_start
+from .labelled_lm_head import score_labelled_positions_only
 from .staged_sft import save_staged
 
 logger = logging.get_logger(__name__)
@@ -156,6 +157,9 @@ class HeftDPOTrainer(DPOTrainer):
             **kwargs,
         )
         self._prepare_heft()
+        score_labelled_positions_only(self._peft_model().get_base_model())
+        if self.ref_model is not None:
+            score_labelled_positions_only(self.ref_model)
 
     # ------------------------------------------------------------------ the adapters and their stages
     @property

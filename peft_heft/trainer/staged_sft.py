@@ -38,6 +38,7 @@ from .checkpoints import (
 )
 from .collator import PROMPT_LENGTH_COLUMN, DataCollatorForHeft
 from .config import PER_STAGE_OPTIONS, HeftSFTConfig
+from .labelled_lm_head import score_labelled_positions_only
 from .prompts import (
     FULL_LENGTH_COLUMN,
     pretokenized_prompt_length_fn,
@@ -139,6 +140,7 @@ class StagedSFTTrainer(SFTTrainer):
                 "StagedSFTTrainer trains HEFT adapters: pass peft_config=HeftConfig(...) or a model wrapped with one."
             )
         self._heft: HeftModel = heft
+        score_labelled_positions_only(self.model.get_base_model())
         config = self.model.peft_config[self.model.active_adapter]
         self.data_collator = DataCollatorForHeft(
             self.data_collator,
