@@ -23,6 +23,7 @@ __version__ = "0.1.0.dev0"
 _TRAINER_EXPORTS = (
     "DataCollatorForHeft",
     "FineStageSearchSpace",
+    "GenerationAccuracyCallback",
     "HeftCallback",
     "HeftDPOConfig",
     "HeftDPOTrainer",

@@ -76,7 +76,10 @@ class HeftScriptArguments(ScriptArguments):
     )
     eval_accuracy: bool = field(
         default=False,
-        metadata={"help": "After training, report generation accuracy (answer match) on the eval split."},
+        metadata={
+            "help": "Report generation accuracy (answer match) on the eval split after training, and as "
+            "eval_accuracy at every evaluation (eval_strategy, and each trial of --search, whose metric it becomes)."
+        },
     )
     answer_choices: str | None = field(
         default=None, metadata={"help": "Comma-separated possible answers for --eval_accuracy, e.g. 'yes,no'."}
@@ -103,6 +106,12 @@ class HeftScriptArguments(ScriptArguments):
         metadata={"help": "Optuna storage of --search, e.g. sqlite:///search.db: a rerun resumes the study."},
     )
     search_study_name: str | None = field(default=None, metadata={"help": "Optuna study name of --search."})
+    search_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "The evaluation metric --search compares: eval_accuracy with --eval_accuracy, else eval_loss."
+        },
+    )
 
 
 _INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would read "1_3" as 13, and other scripts' digits
@@ -340,6 +349,7 @@ def _default_precision(parser: TrlParser, args: list[str]) -> bool | None:
 
 def run(script_args, training_args, model_args, heft_args) -> dict:
     from .evaluation import evaluate_generation_accuracy
+    from .trainer.callbacks import GenerationAccuracyCallback
     from .trainer.staged_sft import StagedSFTTrainer
 
     if not model_args.model_name_or_path:
@@ -382,6 +392,12 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     if evaluation is not None and script_args.eval_max_samples is not None:
         evaluation = evaluation.select(range(min(script_args.eval_max_samples, len(evaluation))))
 
+    choices = [c for c in (script_args.answer_choices or "").split(",") if c.strip()] or None
+    metric = script_args.search_metric or ("eval_accuracy" if script_args.eval_accuracy else "eval_loss")
+    if script_args.search_metric is not None and not script_args.search:
+        raise ValueError("--search_metric chooses the metric of --search N; pass --search N or drop it.")
+    if metric in ("accuracy", "eval_accuracy") and not script_args.eval_accuracy:
+        raise ValueError("--search_metric eval_accuracy needs --eval_accuracy (and --answer_choices for choices).")
     trainer = StagedSFTTrainer(
         model=model_path,
         args=training_args,
@@ -389,14 +405,30 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         eval_dataset=evaluation if wants_eval else None,
         peft_config=build_heft_config(model_args, heft_args),
     )
+    if script_args.eval_accuracy:
+        # evaluated in every evaluate(): by eval_strategy, at each stage's end and in each search trial
+        trainer.add_callback(
+            GenerationAccuracyCallback(
+                evaluation,
+                trainer.processing_class,
+                choices=choices,
+                trigger=script_args.answer_trigger,
+                max_new_tokens=script_args.max_new_tokens,
+                batch_size=training_args.per_device_eval_batch_size,
+            )
+        )
     results: dict[str, Any] = {}
     if script_args.search:
         started = time.time()
         study = trainer.search_fine_stage(
-            script_args.search, storage=script_args.search_storage, study_name=script_args.search_study_name
+            script_args.search,
+            metric=metric,
+            storage=script_args.search_storage,
+            study_name=script_args.search_study_name,
         )
         done = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
         results["search"] = {
+            "metric": metric if metric.startswith("eval_") else f"eval_{metric}",
             "trials": len(study.trials),
             "best_trial": study.best_trial.number if done else None,
             "best_value": study.best_value if done else None,
@@ -409,7 +441,6 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
         results["train"] = output.metrics
     trainer.save_model(training_args.output_dir)
     if script_args.eval_accuracy:
-        choices = [c for c in (script_args.answer_choices or "").split(",") if c.strip()] or None
         accuracy = evaluate_generation_accuracy(
             trainer.model,
             trainer.processing_class,

@@ -134,6 +134,21 @@ def generate_answers(
     return outputs
 
 
+def check_accuracy_rows(rows, tokenizer, choices: Sequence[str] | None = None) -> tuple[list[Any], list[str]]:
+    """The prompts and normalized reference answers of evaluation rows; an empty set, a row without a prompt and an
+    answer, or an answer outside `choices` is an error."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("The evaluation dataset is empty.")
+    prompts, raw_references = zip(*(split_prompt_and_answer(row) for row in rows), strict=True)
+    references = [normalize_reference(r, tokenizer.eos_token) for r in raw_references]
+    if choices:
+        unknown = sorted({r for r in references if r not in {c.strip().lower() for c in choices}})
+        if unknown:
+            raise ValueError(f"Reference answers {unknown[:5]} are not among choices {list(choices)}.")
+    return list(prompts), references
+
+
 def evaluate_generation_accuracy(
     model,
     tokenizer,
@@ -168,14 +183,7 @@ def evaluate_generation_accuracy(
     ```
     """
     rows = list(dataset) if max_samples is None else [dataset[i] for i in range(min(max_samples, len(dataset)))]
-    if not rows:
-        raise ValueError("The evaluation dataset is empty.")
-    prompts, raw_references = zip(*(split_prompt_and_answer(row) for row in rows), strict=True)
-    references = [normalize_reference(r, tokenizer.eos_token) for r in raw_references]
-    if choices:
-        unknown = sorted({r for r in references if r not in {c.strip().lower() for c in choices}})
-        if unknown:
-            raise ValueError(f"Reference answers {unknown[:5]} are not among choices {list(choices)}.")
+    prompts, references = check_accuracy_rows(rows, tokenizer, choices)
     generations = generate_answers(model, tokenizer, list(prompts), max_new_tokens, batch_size)
     predictions = [extract_answer(g, choices, trigger) for g in generations]
     if not choices:

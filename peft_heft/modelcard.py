@@ -91,6 +91,7 @@ def heft_card_section(
     training: Mapping[str, Any] | None = None,
     dataset_name: str | None = None,
     metrics: Mapping[str, Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> str:
     """The HEFT part of a model card.
 
@@ -101,6 +102,8 @@ def heft_card_section(
             key order is the stage order.
         dataset_name: the training data, when known.
         metrics: name -> value (e.g. ``{"lora_train_loss": 0.41, "eval_accuracy": 0.86}``).
+        search: the record of a fine-stage search (``search/study.json``, as ``StagedSFTTrainer.search_fine_stage``
+            writes it): its trials are summarized, best first.
 
     Returns:
         Markdown between :data:`SECTION_BEGIN` and :data:`SECTION_END`.
@@ -144,11 +147,56 @@ def heft_card_section(
             parts += ["", f"Training data: `{dataset_name}`."]
     elif dataset_name:
         parts += ["", f"Training data: `{dataset_name}`."]
+    if search:
+        parts += ["", search_card_section(search)]
     if metrics:
         parts += ["", "### Results", "", "| metric | value |", "|---|---|"]
         parts += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
     parts += ["", SECTION_END]
     return "\n".join(parts)
+
+
+SEARCH_TRIALS_SHOWN = 10
+
+
+def search_card_section(record: Mapping[str, Any]) -> str:
+    """The model card's summary of a fine-stage search: counts, the metric, and the best trials' settings."""
+    trials = list(record.get("trials", []))
+    states: dict[str, int] = {}
+    for trial in trials:
+        states[trial["state"]] = states.get(trial["state"], 0) + 1
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    minimize = record.get("direction") == "minimize"
+    done = sorted(
+        (t for t in trials if t["state"] == "complete" and t.get("value") is not None),
+        key=lambda t: t["value"] if minimize else -t["value"],
+    )
+    seconds = sum(t.get("duration_s") or 0.0 for t in trials)
+    lines = [
+        "### Fine-stage search",
+        "",
+        f"The ReFT stage was chosen by a search over {len(trials)} trials ({counts}) with Optuna, all from the same "
+        f"LoRA stage: metric `{record.get('metric')}` ({record.get('direction')}), {seconds / 60:.1f} min of trials "
+        f"in all. The adapter holds trial {record.get('best_trial')} ({_fmt(record.get('best_value'))}); its "
+        "settings are in the table above.",
+    ]
+    if done:
+        keys: list[str] = []
+        for trial in done:
+            keys += [k for k in trial["params"] if k not in keys]
+        shown = done[:SEARCH_TRIALS_SHOWN]
+        lines += [
+            "",
+            "| trial | " + record.get("metric", "value") + " | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        lines += [
+            f"| {t['number']} | {_fmt(t['value'])} | " + " | ".join(_fmt(t["params"].get(k, "-")) for k in keys) + " |"
+            for t in shown
+        ]
+        if len(done) > len(shown):
+            lines += ["", f"{len(done) - len(shown)} more complete trials are in `search/study.json`."]
+    return "\n".join(lines)
 
 
 def _training_columns(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -167,6 +215,7 @@ def update_model_card(
     dataset_name: str | Sequence[str] | None = None,
     metrics: Mapping[str, Any] | None = None,
     tags: Sequence[str] = (),
+    search: Mapping[str, Any] | None = None,
 ) -> str:
     """Write or update ``output_dir/README.md`` with the HEFT section and card metadata; returns the card's path.
 
@@ -178,6 +227,7 @@ def update_model_card(
         dataset_name (`str` or `list[str]`, *optional*): the training data.
         metrics (`dict`, *optional*): name -> value.
         tags (`list[str]`): extra tags.
+        search (`dict`, *optional*): a fine-stage search's record, see :func:`heft_card_section`.
 
     Returns:
         `str`: the path of the card.
@@ -211,6 +261,7 @@ def update_model_card(
         training=training,
         dataset_name=", ".join(names) if names else None,
         metrics=metrics,
+        search=search,
     )
     text = card.text
     pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END), re.DOTALL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -260,10 +261,8 @@ def test_replace_interventions_validates_first_and_keeps_lora(tmp_path):
     assert peft_heft.HeftModel.replace_interventions.__doc__
 
 
-def test_heft_sft_search_flag_saves_the_best_trial(tmp_path):
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM
-
+def run_cli_search(tmp_path, *extra: str):
+    """`heft-sft --search 2` on the tiny model and a local JSONL file; returns (results, output folder, model, data)."""
     from peft_heft.cli import train_from_args
 
     model_dir = tmp_path / "tiny-model"
@@ -280,8 +279,16 @@ def test_heft_sft_search_flag_saves_the_best_trial(tmp_path):
         search=2, search_storage=f"sqlite:///{tmp_path / 'cli.db'}", use_cpu=True, bf16=False, disable_tqdm=True,
     )  # fmt: skip
     argv = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-    argv += ["--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "False"]
-    results = train_from_args(argv)
+    argv += ["--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "False", *extra]
+    return train_from_args(argv), out, model_dir, data
+
+
+def test_heft_sft_search_flag_saves_the_best_trial(tmp_path):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+
+    results, out, model_dir, data = run_cli_search(tmp_path)
+    assert results["search"]["metric"] == "eval_loss"
     assert results["search"]["trials"] == 2 and results["train"]["lora_train_steps"] == 4
     record = json.loads((out / "search" / "study.json").read_text())
     assert record["best_trial"] == results["search"]["best_trial"] is not None
@@ -320,3 +327,98 @@ def test_search_example_runs_in_fast_mode(tmp_path):
     again = float(re.search(r"reloaded with PeftModel.from_pretrained: eval_loss ([0-9.]+)", proc.stdout)[1])
     assert again == pytest.approx(best, abs=1e-5)
     assert (tmp_path / "run" / "search" / "study.json").is_file() and (tmp_path / "run" / "search.db").is_file()
+
+
+# ---------------------------------------------------------------------------------------- generation accuracy metric
+def accuracy_callback(**overrides):
+    from peft_heft import GenerationAccuracyCallback
+
+    kwargs = dict(choices=["yes", "no"], max_new_tokens=2, batch_size=16)
+    kwargs.update(overrides)
+    return GenerationAccuracyCallback(make_dataset("prompt_completion", 16, seed=1), tiny_tokenizer(), **kwargs)
+
+
+def test_generation_accuracy_is_an_evaluation_metric_and_in_the_log(tmp_path):
+    from peft_heft.evaluation import evaluate_generation_accuracy
+
+    callback = accuracy_callback()
+    trainer = make_trainer(tmp_path / "out", lora_max_steps=4, reft_max_steps=4)
+    trainer.add_callback(callback)
+    trainer.train()
+    evaluations = [e for e in trainer.stage_log_history if "eval_loss" in e]
+    assert len(evaluations) >= 4 and all(0.0 <= e["eval_accuracy"] <= 1.0 for e in evaluations)
+    direct = evaluate_generation_accuracy(
+        trainer.model, tiny_tokenizer(), make_dataset("prompt_completion", 16, seed=1), choices=["yes", "no"],
+        max_new_tokens=2,
+    )  # fmt: skip
+    # the last evaluation ran on the final model: the same answers as a direct evaluation afterwards
+    assert evaluations[-1]["eval_accuracy"] == direct["accuracy"]
+    assert callback.last["predictions"] == direct["predictions"]
+    assert trainer.evaluate()["eval_accuracy"] == direct["accuracy"]
+
+
+def test_bad_accuracy_rows_are_refused_when_the_callback_is_built():
+    from peft_heft import GenerationAccuracyCallback
+
+    with pytest.raises(ValueError, match=r"Reference answers \['no', 'yes'\] are not among choices"):
+        GenerationAccuracyCallback(make_dataset("prompt_completion", 8), tiny_tokenizer(), choices=["true", "false"])
+    with pytest.raises(ValueError, match="must start with 'eval_'"):
+        accuracy_callback(metric_name="accuracy")
+    with pytest.raises(ValueError, match="empty"):
+        GenerationAccuracyCallback([], tiny_tokenizer())
+
+
+class ValuesSeen(HeftCallback):
+    """The metric values every evaluation of each trial produced, in order."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.values.append(metrics["eval_accuracy"])
+
+
+def test_search_on_generation_accuracy_maximizes_it_and_the_card_summarizes_the_study(tmp_path):
+    from peft_heft.evaluation import evaluate_generation_accuracy
+
+    trainer = make_trainer(tmp_path / "out", lora_max_steps=4, reft_max_steps=4)
+    trainer.add_callback(accuracy_callback())
+    seen = ValuesSeen()
+    trainer.add_callback(seen)
+    study = trainer.search_fine_stage(3, FineStageSearchSpace(**SPACE), metric="eval_accuracy")
+    assert study.direction.name == "MAXIMIZE"
+    assert all(0.0 <= t.value <= 1.0 for t in study.trials if t.value is not None)
+    for trial in study.trials:  # every evaluation of a trial reported the accuracy to the pruner
+        assert set(trial.intermediate_values.values()) <= set(seen.values)
+    best = study.best_trial
+    assert best.value == max(t.value for t in study.trials if t.value is not None)
+    direct = evaluate_generation_accuracy(
+        trainer.model, tiny_tokenizer(), make_dataset("prompt_completion", 16, seed=1), choices=["yes", "no"],
+        max_new_tokens=2,
+    )  # fmt: skip
+    assert direct["accuracy"] == best.value  # the model holds the best trial
+
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "### Fine-stage search" in card
+    assert "over 3 trials (3 complete) with Optuna" in card and "metric `eval_accuracy` (maximize)" in card
+    assert f"The adapter holds trial {best.number} ({best.value:.4g})" in card
+    rows = [line for line in card.splitlines() if re.match(r"^\| \d+ \| ", line)]
+    assert len(rows) == 3
+    assert rows[0].startswith(f"| {best.number} | ")  # best first
+    assert f"| {best.params['rank']} |" in rows[0]
+
+
+def test_heft_sft_search_on_generation_accuracy(tmp_path):
+    results, out, _, _ = run_cli_search(
+        tmp_path, "--eval_accuracy", "--answer_choices", "yes,no", "--max_new_tokens", "2"
+    )
+    record = json.loads((out / "search" / "study.json").read_text())
+    assert results["search"]["metric"] == record["metric"] == "eval_accuracy" and record["direction"] == "maximize"
+    values = [t["value"] for t in record["trials"] if t["value"] is not None]
+    assert record["best_value"] == max(values)
+    # the saved adapter is the best trial: the final generation accuracy on the same split is its value
+    assert results["generation_accuracy"]["accuracy"] == record["best_value"]
+    assert results["generation_accuracy"]["total"] == 16
+    with pytest.raises(ValueError, match="--search_metric eval_accuracy needs --eval_accuracy"):
+        run_cli_search(tmp_path / "again", "--search_metric", "eval_accuracy")

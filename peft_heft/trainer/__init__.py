@@ -1,6 +1,6 @@
 """HEFT training on TRL: the staged SFT trainer, its config, collator and callbacks, and the DPO trainer."""
 
-from .callbacks import HeftCallback, StageProgressCallback
+from .callbacks import GenerationAccuracyCallback, HeftCallback, StageProgressCallback
 from .collator import DataCollatorForHeft
 from .config import HeftSFTConfig
 from .dpo import HeftDPOConfig, HeftDPOTrainer
@@ -10,6 +10,7 @@ from .staged_sft import StagedSFTTrainer
 __all__ = [
     "DataCollatorForHeft",
     "FineStageSearchSpace",
+    "GenerationAccuracyCallback",
     "HeftCallback",
     "HeftDPOConfig",
     "HeftDPOTrainer",

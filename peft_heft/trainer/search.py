@@ -459,10 +459,21 @@ def _check_search_setup(trainer, n_trials: int, metric: str, direction: str | No
     if not isinstance(metric, str) or not metric:
         raise ValueError(f"metric must be the name of an evaluation metric such as 'eval_loss', got {metric!r}.")
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    if trainer.compute_metrics is None and not metric.endswith("loss"):
+    from .callbacks import GenerationAccuracyCallback
+
+    accuracy_metrics = {
+        c.metric_name for c in trainer.callback_handler.callbacks if isinstance(c, GenerationAccuracyCallback)
+    }
+    if trainer.compute_metrics is None and not metric.endswith("loss") and metric not in accuracy_metrics:
+        hint = (
+            " For generation accuracy, pass callbacks=[GenerationAccuracyCallback(eval_rows, tokenizer, choices=...)]."
+            if metric.endswith("accuracy")
+            else ""
+        )
         raise ValueError(
             f"The search metric {metric!r} is not computed: the trainer has no compute_metrics, so evaluate() "
-            "reports only eval_loss. Use metric='eval_loss', or pass compute_metrics= returning it."
+            f"reports only eval_loss{' and ' + ', '.join(sorted(accuracy_metrics)) if accuracy_metrics else ''}. Use "
+            f"metric='eval_loss', or pass compute_metrics= returning it.{hint}"
         )
     if direction is None:
         direction = "minimize" if metric.endswith("loss") else "maximize"
@@ -662,5 +673,5 @@ def run_fine_stage_search(
             f"The best trial ({study.best_trial.number}) of study {study.study_name!r} has no saved weights in "
             f"{best_folder}; the model keeps the coarse stage and the last interventions, not the best trial's."
         )
-    write_study(study, metric, folder)
+    trainer._search_record = write_study(study, metric, folder)
     return study

@@ -123,6 +123,7 @@ class StagedSFTTrainer(SFTTrainer):
         self._stage_loss_offset = 0.0
         self._completed_stages: dict[str, dict[str, float]] = {}
         self.stage_log_history: list[dict[str, Any]] = []
+        self._search_record: dict[str, Any] | None = None  # set by search_fine_stage, summarized in the model card
         super().__init__(
             model,
             args=args,
@@ -550,6 +551,7 @@ class StagedSFTTrainer(SFTTrainer):
             dataset_name=dataset_name,
             metrics=self._card_metrics(),
             tags=[tags] if isinstance(tags, str) else list(tags or []),
+            search=self._search_record,
         )
 
     def _card_metrics(self) -> dict:
