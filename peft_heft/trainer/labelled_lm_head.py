@@ -36,6 +36,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 _DECISION = "compact = _use_triton(hidden_states.device)"
+_BINDING = "_use_triton"  # the name TRL decides "labelled positions only" with
 _MARK = "_peft_heft_labelled_positions_only"
 _lock = threading.Lock()
 _depth = 0
@@ -72,15 +73,15 @@ def labelled_positions_only() -> Iterator[None]:
             def compact_on_cpu(device: torch.device) -> bool:
                 return device.type == "cpu" or original(device)
 
-            trl_utils._use_triton = compact_on_cpu
+            setattr(trl_utils, _BINDING, compact_on_cpu)
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
-                trl_utils._use_triton = _original
+            if _depth == 0 and _original is not None:
+                setattr(trl_utils, _BINDING, _original)
                 _original = None
 
 
