@@ -18,6 +18,7 @@ from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_m
 from peft_heft import HeftCallback, StagedSFTTrainer
 from peft_heft.hooks import intervene, locate
 from peft_heft.interventions import build_intervention
+from peft_heft.trainer.quantized_base import keep_4bit_weights_trainable
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -117,6 +118,10 @@ def test_qlora_trains_both_stages_generates_and_reloads(tmp_path, saved_base, ki
     out = tmp_path / "adapter"
     model.save_pretrained(out)
     loaded = PeftModel.from_pretrained(load_quantized(saved_base, kind), out).eval()
+    # the trainer kept the trained model's 4-bit layers on bitsandbytes' dequantizing kernel; the freshly loaded base
+    # ran a no-grad forward, which on AVX512-BF16 CPUs repacks it for bitsandbytes' bfloat16 inference kernel
+    # (logits ~0.08 apart): compare on the same kernel
+    keep_4bit_weights_trainable(loaded)
     # TRL's SFTTrainer casts a quantized model's trainable adapter weights to bf16 (QLoRA's recipe): LoRA trained in
     # bf16 and was saved so; PEFT loads it into float32 LoRA layers (exactly, bf16 values are float32 values), and the
     # interventions, created in float32, stayed float32 throughout.
@@ -199,3 +204,80 @@ def test_staged_trainer_wraps_a_quantized_base_given_a_heft_config(tmp_path, sav
     assert output.metrics["lora_train_steps"] == 2 and output.metrics["reft_train_steps"] == 2
     interventions = list(trainer.model.base_model.heft_interventions.parameters())
     assert interventions and {p.dtype for p in interventions} == {torch.float32}
+
+
+# ------------------------------------------------------------------- bitsandbytes' one-way CPU inference repacking
+def repacked_layers(model) -> int:
+    return sum(
+        bool(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False))
+        for m in model.modules()
+    )
+
+
+def repacking_cpu() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights for CPU inference here (AVX512-BF16 CPUs)."""
+    from bitsandbytes.nn import Linear4bit
+
+    layer = Linear4bit(64, 64, compute_dtype=torch.float32)
+    return bool(getattr(layer, "support_avx512bf16_for_cpu", False))
+
+
+def lora_grad_norm(model, batch) -> float:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+    return float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
+
+
+def test_bitsandbytes_cpu_repacking_still_cuts_lora_gradients(saved_base):
+    """The upstream behaviour the trainers work around: fails (and the workaround can go) once bitsandbytes fixes it."""
+    from peft import LoraConfig
+
+    base = load_quantized(saved_base, "nf4")  # runs one no-grad forward in eval mode
+    if not repacking_cpu():
+        pytest.skip("bitsandbytes does not repack 4-bit weights for inference on this CPU (no AVX512-BF16)")
+    assert repacked_layers(base) > 0
+    model = get_peft_model(
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    batch = tiny_tokenizer()(["w1 w2 w3 ? Answer: yes"], return_tensors="pt")
+    assert lora_grad_norm(model, batch) == 0.0  # silently no gradient through the repacked layers
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_trainer_keeps_4bit_layers_trainable_after_no_grad_evaluations(tmp_path, saved_base, kind):
+    base = load_quantized(saved_base, kind)
+    repacks = repacking_cpu()
+    assert (repacked_layers(base) > 0) == repacks
+    model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), sft_heft_config())
+    trainer = StagedSFTTrainer(
+        model,
+        args=cpu_sft_args(str(tmp_path / "out"), lora_max_steps=3, reft_max_steps=3, per_device_eval_batch_size=8),
+        train_dataset=make_dataset("prompt_completion", 24),
+        eval_dataset=make_dataset("prompt_completion", 8, seed=1),
+        processing_class=tiny_tokenizer(),
+    )
+    assert repacked_layers(trainer.model) == 0  # converted back when the trainer was built
+    trainer.evaluate()  # a no-grad evaluation in eval mode: bitsandbytes would repack here
+    assert repacked_layers(trainer.model) == 0
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    lora_grads = [e["grad_norm"] for e in trainer.stage_log_history if e.get("stage") == "lora" and "grad_norm" in e]
+    assert lora_grads and min(lora_grads) > 0
+    moved = [n for n, p in trainer.model.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])]
+    assert len(moved) == len(lora_before)  # every LoRA tensor trained (none sits behind a gradient-less layer)
+    assert keep_4bit_weights_trainable(trainer.model) == 0  # nothing left to convert back
+
+    # the trained model and the adapter reloaded on a freshly quantized base compute the same logits
+    model = trainer.model.eval()
+    for param in (p for n, p in model.named_parameters() if "lora_" in n):
+        param.data = param.data.float()
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    loaded = PeftModel.from_pretrained(load_quantized(saved_base, kind), out).eval()
+    keep_4bit_weights_trainable(loaded)  # the same (dequantizing) kernel on both sides
+    batch = tiny_tokenizer()(["w1 w2 w3 ? Answer:", "w20 w5 ?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
