@@ -54,7 +54,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 with contextlib.redirect_stdout(io.StringIO()):
-    from peft_heft import HeftCallback, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
+    from replicate_heft import log, peft_config, write  # noqa: E402  (the earlier replication's shared pieces)
+
+    from peft_heft import HeftCallback, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
     from peft_heft.assets import EMBEDDED_MODEL, TASKS, load_model_and_tokenizer, load_task_dataset  # noqa: E402
     from peft_heft.evaluation import evaluate_generation_accuracy  # noqa: E402
 
@@ -82,10 +84,6 @@ SETTINGS = (
     "max_steps",
     "threads",
 )
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Clock:
@@ -175,19 +173,6 @@ class Curve(HeftCallback):
     def on_stage_end(self, args, state, control, stage=None, model=None, **kwargs):
         if self._active():
             self._measure(state, model)
-
-
-def peft_config(args) -> HeftConfig:
-    return HeftConfig(
-        task_type="CAUSAL_LM",
-        r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj"],
-        intervention_layers="all",
-        intervention_rank=args.reft_rank,
-        intervention_positions=args.positions,
-    )
 
 
 def search_space():
@@ -543,12 +528,6 @@ def plot(summary: dict, out_dir: Path, stem: str) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / f"{stem}_{task}.png", dpi=110)
         plt.close(fig)
-
-
-def write(results: dict, json_path: Path) -> None:
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, json_path)
 
 
 def report(results: dict, out_dir: Path, stem: str) -> None:
