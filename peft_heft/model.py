@@ -22,6 +22,7 @@ from .interventions import build_intervention
 from .layers import find_decoder_layers, model_dimensions, resolve_layers
 from .positions import compute_locations, normalize_locations
 from .prompt_tokens import PROMPT_LENGTHS_KWARG, PromptHint, warn_once
+from .quantized_base import keep_4bit_weights_trainable
 
 INTERVENTIONS_ATTR = "heft_interventions"
 STAGES = ("lora", "reft", "joint", "frozen")
@@ -132,6 +133,8 @@ class HeftModel(LoraModel):
             raise TypeError(f"HeftModel needs a HeftConfig, got {type(config).__name__} for adapter {adapter_name!r}.")
         hidden_size, num_layers = model_dimensions(model)
         self._check_base_model_shape(config, hidden_size, num_layers)
+        # a 4-bit base stays on bitsandbytes' dequantizing kernel on CPU (its inference kernel cuts gradients)
+        keep_4bit_weights_trainable(model)
         layers = resolve_layers(config.intervention_layers, num_layers)
         if config.intervention_rank > hidden_size:
             raise ValueError(

@@ -36,7 +36,7 @@ def test_cpu_smoke_writes_every_check_with_pass_and_numbers(tmp_path):
         assert result["steps"] == {"lora": 3, "reft": 3}
         assert isinstance(result["reload"]["relative_diff"], float)
     assert checks["bf16_staged"]["pass"] is True  # float32 on CPU: trains both stages, reloads to the same logits
-    # 4-bit on CPU: LoRA gets gradients after the trainer's no-grad evaluations (bitsandbytes' inference repacking off)
+    # 4-bit on CPU: LoRA gets gradients after the trainer's no-grad evaluations (HEFT keeps bitsandbytes' repacking off)
     assert checks["qlora_staged"]["pass"] is True
     assert checks["qlora_staged"]["stages"]["lora"]["grad_norm_max"] > 0
     assert checks["generate_cache"]["rows_equal"] == checks["generate_cache"]["rows"]

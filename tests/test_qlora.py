@@ -18,7 +18,6 @@ from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_m
 from peft_heft import HeftCallback, StagedSFTTrainer
 from peft_heft.hooks import intervene, locate
 from peft_heft.interventions import build_intervention
-from peft_heft.trainer.quantized_base import keep_4bit_weights_trainable
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -53,8 +52,10 @@ def load_quantized(path, kind: str):
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization_config(kind), device_map="cpu"
         )
+        model.train()  # in eval mode, bitsandbytes would repack the 4-bit weights for its CPU inference kernel
         with torch.no_grad():
             model(torch.tensor([[1, 7, 8]]))  # the backend must run the quantized matmul, not only load
+        model.eval()
     except (ImportError, NotImplementedError, RuntimeError) as error:  # the base alone: bitsandbytes' own limits
         pytest.skip(f"bitsandbytes cannot run {kind} on this platform: {error}")
     return model
@@ -118,10 +119,6 @@ def test_qlora_trains_both_stages_generates_and_reloads(tmp_path, saved_base, ki
     out = tmp_path / "adapter"
     model.save_pretrained(out)
     loaded = PeftModel.from_pretrained(load_quantized(saved_base, kind), out).eval()
-    # the trainer kept the trained model's 4-bit layers on bitsandbytes' dequantizing kernel; the freshly loaded base
-    # ran a no-grad forward, which on AVX512-BF16 CPUs repacks it for bitsandbytes' bfloat16 inference kernel
-    # (logits ~0.08 apart): compare on the same kernel
-    keep_4bit_weights_trainable(loaded)
     # TRL's SFTTrainer casts a quantized model's trainable adapter weights to bf16 (QLoRA's recipe): LoRA trained in
     # bf16 and was saved so; PEFT loads it into float32 LoRA layers (exactly, bf16 values are float32 values), and the
     # interventions, created in float32, stayed float32 throughout.
@@ -230,13 +227,22 @@ def lora_grad_norm(model, batch) -> float:
     return float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
 
 
+def repack(model) -> None:
+    """What any evaluation or generate() does first: an eval-mode forward without gradients."""
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 7, 8, 9]]))
+
+
 def test_bitsandbytes_cpu_repacking_still_cuts_lora_gradients(saved_base):
-    """The upstream behaviour the trainers work around: fails (and the workaround can go) once bitsandbytes fixes it."""
+    """The upstream behaviour HEFT works around: fails (and the workaround can go) once bitsandbytes fixes it."""
     from peft import LoraConfig
 
-    base = load_quantized(saved_base, "nf4")  # runs one no-grad forward in eval mode
+    base = load_quantized(saved_base, "nf4")
     if not repacking_cpu():
         pytest.skip("bitsandbytes does not repack 4-bit weights for inference on this CPU (no AVX512-BF16)")
+    assert repacked_layers(base) == 0
+    repack(base)
     assert repacked_layers(base) > 0
     model = get_peft_model(
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False),
@@ -247,11 +253,14 @@ def test_bitsandbytes_cpu_repacking_still_cuts_lora_gradients(saved_base):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
-def test_trainer_keeps_4bit_layers_trainable_after_no_grad_evaluations(tmp_path, saved_base, kind):
-    base = load_quantized(saved_base, kind)
-    repacks = repacking_cpu()
-    assert (repacked_layers(base) > 0) == repacks
-    model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), sft_heft_config())
+def test_heft_keeps_4bit_layers_trainable_through_no_grad_evaluations(tmp_path, saved_base, kind):
+    base = prepare_model_for_kbit_training(load_quantized(saved_base, kind), use_gradient_checkpointing=False)
+    model = get_peft_model(base, sft_heft_config(init_lora_weights=False))
+    repack(model)  # HEFT turned bitsandbytes' repacking off when it was built
+    assert repacked_layers(model) == 0
+    batch = tiny_tokenizer()(["w1 w2 w3 ? Answer: yes"], return_tensors="pt")
+    assert lora_grad_norm(model, batch) > 0
+
     trainer = StagedSFTTrainer(
         model,
         args=cpu_sft_args(str(tmp_path / "out"), lora_max_steps=3, reft_max_steps=3, per_device_eval_batch_size=8),
@@ -259,25 +268,58 @@ def test_trainer_keeps_4bit_layers_trainable_after_no_grad_evaluations(tmp_path,
         eval_dataset=make_dataset("prompt_completion", 8, seed=1),
         processing_class=tiny_tokenizer(),
     )
-    assert repacked_layers(trainer.model) == 0  # converted back when the trainer was built
-    trainer.evaluate()  # a no-grad evaluation in eval mode: bitsandbytes would repack here
-    assert repacked_layers(trainer.model) == 0
+    trainer.evaluate()  # a no-grad evaluation in eval mode
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     trainer.train()
+    assert repacked_layers(trainer.model) == 0
     lora_grads = [e["grad_norm"] for e in trainer.stage_log_history if e.get("stage") == "lora" and "grad_norm" in e]
     assert lora_grads and min(lora_grads) > 0
     moved = [n for n, p in trainer.model.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])]
     assert len(moved) == len(lora_before)  # every LoRA tensor trained (none sits behind a gradient-less layer)
-    assert keep_4bit_weights_trainable(trainer.model) == 0  # nothing left to convert back
 
-    # the trained model and the adapter reloaded on a freshly quantized base compute the same logits
+    # reloaded for inference onto a freshly quantized base: the same kernel, the same logits
     model = trainer.model.eval()
     for param in (p for n, p in model.named_parameters() if "lora_" in n):
         param.data = param.data.float()
     out = tmp_path / "adapter"
     model.save_pretrained(out)
     loaded = PeftModel.from_pretrained(load_quantized(saved_base, kind), out).eval()
-    keep_4bit_weights_trainable(loaded)  # the same (dequantizing) kernel on both sides
     batch = tiny_tokenizer()(["w1 w2 w3 ? Answer:", "w20 w5 ?"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+        got, expected = loaded(**batch).logits, model(**batch).logits
+    assert repacked_layers(loaded) == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_trainable_heft_adapter_on_an_already_repacked_base_is_refused(tmp_path, saved_base):
+    if not repacking_cpu():
+        pytest.skip("bitsandbytes does not repack 4-bit weights for inference on this CPU (no AVX512-BF16)")
+    base = load_quantized(saved_base, "nf4")
+    repack(base)
+    with pytest.raises(
+        ValueError, match=r"4-bit layers of the base model \(e\.g\. model\.layers\.0\..*\) were repacked"
+    ):
+        get_peft_model(base, sft_heft_config())
+    # nor loaded for inference: PEFT would read state_dict(), which converts the weights back lossily
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_quantized(saved_base, "nf4"), sft_heft_config()).save_pretrained(adapter)
+    with pytest.raises(ValueError, match="were repacked"):
+        PeftModel.from_pretrained(base, adapter)
+
+
+def test_bitsandbytes_converts_repacked_weights_back_lossily(saved_base):
+    """Why a repacked base is refused rather than converted back (fails once bitsandbytes converts back exactly)."""
+    if not repacking_cpu():
+        pytest.skip("bitsandbytes does not repack 4-bit weights for inference on this CPU (no AVX512-BF16)")
+    base = load_quantized(saved_base, "nf4")
+    x = torch.tensor([[1, 7, 8, 9, 10]])
+    base.train()
+    with torch.no_grad():
+        exact = base(x).logits
+    repack(base)
+    base.state_dict()  # bitsandbytes' way back to the canonical layout
+    assert repacked_layers(base) == 0
+    base.train()
+    with torch.no_grad():
+        again = base(x).logits
+    assert (again - exact).abs().max() > 1e-3

@@ -27,7 +27,6 @@ from ..config import HeftConfig
 from ..model import HeftModel, _find_heft_tuner
 from ..modelcard import replace_quick_start
 from .labelled_lm_head import score_labelled_positions_only
-from .quantized_base import keep_4bit_weights_trainable
 from .staged_sft import save_staged
 
 logger = logging.get_logger(__name__)
@@ -159,7 +158,6 @@ class HeftDPOTrainer(DPOTrainer):
         )
         self._prepare_heft()
         score_labelled_positions_only(self._peft_model().get_base_model())
-        keep_4bit_weights_trainable(self._peft_model())
         if self.ref_model is not None:
             score_labelled_positions_only(self.ref_model)
 

@@ -45,7 +45,6 @@ from .prompts import (
     prompt_length_fn,
     truncate_prompt_length_fn,
 )
-from .quantized_base import keep_4bit_weights_trainable
 
 logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
@@ -143,7 +142,6 @@ class StagedSFTTrainer(SFTTrainer):
             )
         self._heft: HeftModel = heft
         score_labelled_positions_only(self.model.get_base_model())
-        keep_4bit_weights_trainable(self.model)
         config = self.model.peft_config[self.model.active_adapter]
         self.data_collator = DataCollatorForHeft(
             self.data_collator,
