@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import io
 import json
 import os
@@ -540,6 +541,52 @@ def report(results: dict, out_dir: Path, stem: str) -> None:
     print(md)
 
 
+class Store:
+    """The results JSON, shared by every worker running this benchmark: each change re-reads the file under an
+    exclusive lock and writes it atomically, and a run is claimed (a file naming the worker's pid) before it starts,
+    so two workers never run the same run and neither loses the other's results."""
+
+    def __init__(self, path: Path, claims: Path) -> None:
+        self.path, self.claims = path, claims
+        claims.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        with open(self.claims / "results.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield json.loads(self.path.read_text()) if self.path.exists() else {"runs": {}}
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _claim_path(self, key: str) -> Path:
+        return self.claims / (key.replace("/", "--") + ".pid")
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            return "replicate_curves" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+
+    def claim(self, key: str) -> bool:
+        """True when this worker takes `key`: not finished, and not claimed by another live worker."""
+        with self.locked() as results:
+            if key in results["runs"]:
+                return False
+            path = self._claim_path(key)
+            if path.exists():
+                with contextlib.suppress(ValueError):
+                    if self._alive(int(path.read_text().strip() or 0)):
+                        return False
+            path.write_text(str(os.getpid()))
+            return True
+
+    def release(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._claim_path(key).unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=EMBEDDED_MODEL)
@@ -574,10 +621,14 @@ def main() -> None:
         args.out, args.stem, args.work = REPO / "out", "replication_curves_quick", REPO / "out" / "curves_quick"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.stem}.json"
-    results = json.loads(json_path.read_text()) if json_path.exists() else {"runs": {}}
-    if not args.report:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        setup = {k: getattr(args, k) for k in SETTINGS}
+    store = Store(json_path, args.work / "claims")
+    if args.report:
+        with store.locked() as results:
+            report(results, args.out, args.stem)
+        return
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    setup = {k: getattr(args, k) for k in SETTINGS}
+    with store.locked() as results:
         old = results.get("setup")
         if old and any(old.get(k) != setup[k] for k in SETTINGS):
             changed = [k for k in SETTINGS if old.get(k) != setup[k]]
@@ -597,31 +648,33 @@ def main() -> None:
             "device": device,
         }
         results["date_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        started = time.perf_counter()
-        # one seed of every task first, so that a partial run already compares the methods on both tasks
-        for seed in args.seeds:
-            for task in args.tasks:
-                data = load_data(task, args)
-                key = f"{task}/zero_shot"
-                if key not in results["runs"]:
-                    results["runs"][key] = zero_shot(args, task, data)
-                    write(results, json_path)
-                    log(f"{key}: {results['runs'][key]['accuracy']:.3f}")
-                for method in args.methods:
-                    key = f"{task}/{method}/{seed}"
-                    if key in results["runs"]:
-                        continue
+        write(results, json_path)
+    started = time.perf_counter()
+    # one seed of every task first, so that a partial run already compares the methods on both tasks; several
+    # workers (one per core) may run this loop at once: each run is claimed by one of them
+    for seed in args.seeds:
+        for task in args.tasks:
+            data = None
+            for key in [f"{task}/zero_shot"] + [f"{task}/{method}/{seed}" for method in args.methods]:
+                if not store.claim(key):
+                    continue
+                try:
+                    data = data or load_data(task, args)
                     log(f"{key} ...")
-                    run = run_one(args, task, method, seed, data, args.work)
+                    if key.endswith("/zero_shot"):
+                        run = zero_shot(args, task, data)
+                    else:
+                        run = run_one(args, task, key.split("/")[1], seed, data, args.work)
                     run["commit"], run["finished_utc"] = commit, datetime.datetime.now(datetime.UTC).isoformat()
-                    results["runs"][key] = run
-                    write(results, json_path)
-                    log(
-                        f"{key}: accuracy {run['accuracy']:.3f}, train {run['train_seconds'] / 60:.1f} min, "
-                        f"total {(time.perf_counter() - started) / 60:.1f} min"
-                    )
-                    report(results, args.out, args.stem)
-    report(results, args.out, args.stem)
+                    with store.locked() as results:
+                        results["runs"][key] = run
+                        report(results, args.out, args.stem)
+                finally:
+                    store.release(key)
+                log(
+                    f"{key}: accuracy {run['accuracy']:.3f}, train {run.get('train_seconds', 0) / 60:.1f} min, "
+                    f"total {(time.perf_counter() - started) / 60:.1f} min"
+                )
 
 
 if __name__ == "__main__":
