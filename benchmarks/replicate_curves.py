@@ -390,6 +390,7 @@ def summarize(results: dict) -> dict:
             methods[method] = {
                 "label": METHODS[method]["label"],
                 "seeds": [r["seed"] for r in runs],
+                "finals": finals,
                 "accuracy_mean": statistics.mean(finals),
                 "accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "best_accuracy_mean": statistics.mean(max(p["accuracy"] for p in r["curve"]) for r in runs),
@@ -418,11 +419,31 @@ def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
         if same_time is not None:
             d2 = ma["accuracy_mean"] - same_time
             text += f"; at equal training time {mb['label']} had {same_time:.3f} ({d2:+.3f} for {ma['label']})"
+        else:
+            # the other way round: where the longer run stood when the shorter one ended
+            a_then = accuracy_at(ma["curve"], mb["train_seconds_mean"])
+            if a_then is not None:
+                text += (
+                    f"; at {mb['label']}'s training time ({mb['train_seconds_mean'] / 60:.1f} min) {ma['label']} had "
+                    f"{a_then:.3f} ({a_then - mb['accuracy_mean']:+.3f})"
+                )
         n = min(len(ma["seeds"]), len(mb["seeds"]))
         spread = max(ma["accuracy_std"], mb["accuracy_std"])
         if n > 1 and abs(delta) <= spread:
             text += f"; the difference is within the seeds' spread (std up to {spread:.3f})"
         lines.append(text + ".")
+    for name in ("heft", "heft_searched"):
+        if name not in methods:
+            continue
+        coarse = [p for p in methods[name]["curve"] if p["stage"] == "lora"]
+        if coarse:
+            before, after = coarse[-1]["accuracy"], methods[name]["accuracy_mean"]
+            lines.append(
+                f"{task}: {methods[name]['label']}'s fine stage "
+                f"{'raises' if after > before else 'keeps' if after == before else 'lowers'} the accuracy its "
+                f"coarse stage reached: {before:.3f} at the end of the LoRA stage, {after:.3f} at the end "
+                f"({after - before:+.3f})."
+            )
     if zero is not None and methods:
         best = max(methods.values(), key=lambda m: m["accuracy_mean"])
         if best["accuracy_mean"] <= zero["majority_accuracy"] + 0.02:
@@ -462,7 +483,7 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
         "so each comparison is made both at the end and at equal training time.",
         "",
         "<!-- --8<-- [start:results] -->",
-        "| task | method | final accuracy (mean ± std) | best point (mean) | seeds | train time (min, mean) |",
+        "| task | method | final accuracy (mean ± std) | per seed | best point (mean) | train time (min, mean) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for task, t in summary.items():
@@ -473,9 +494,11 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
             )
             lines.append(f"| {task} | zero-shot | {zero['accuracy']:.3f} | - | - | 0 |")
         for m in t["methods"].values():
+            spread = f" ± {m['accuracy_std']:.3f}" if len(m["seeds"]) > 1 else " (1 seed)"
+            per_seed = ", ".join(f"{a:.3f}" for a in m["finals"])
             lines.append(
-                f"| {task} | {m['label']} | {m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f} | "
-                f"{m['best_accuracy_mean']:.3f} | {len(m['seeds'])} | {m['train_seconds_mean'] / 60:.1f} |"
+                f"| {task} | {m['label']} | {m['accuracy_mean']:.3f}{spread} | {per_seed} | "
+                f"{m['best_accuracy_mean']:.3f} | {m['train_seconds_mean'] / 60:.1f} |"
             )
     lines += ["", "Verdicts (computed from the numbers above):", ""]
     for t in summary.values():
@@ -624,6 +647,8 @@ def main() -> None:
     store = Store(json_path, args.work / "claims")
     if args.report:
         with store.locked() as results:
+            if "setup" not in results:
+                raise SystemExit(f"{json_path}: no runs to report; run the benchmark first (without --report).")
             report(results, args.out, args.stem)
         return
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
