@@ -65,8 +65,9 @@ METHODS = {
     "lora": dict(stages=["lora"], label="LoRA-only"),
     "reft": dict(stages=["reft"], label="ReFT-only"),
     "heft": dict(stages=["lora", "reft"], label="HEFT"),
-    "heft_searched": dict(stages=["lora", "reft"], label="HEFT, searched fine stage"),
+    "heft_searched": dict(stages=["lora", "reft"], label="HEFT-searched"),
 }
+DEFAULT_OUT, DEFAULT_STEM = REPO / "benchmarks" / "results", "replication_curves"
 SETTINGS = (
     "model",
     "train_size",
@@ -361,19 +362,12 @@ def mean_curve(runs: list[dict]) -> list[dict]:
 
 
 def accuracy_at(curve: list[dict], seconds: float) -> float | None:
-    """The curve's accuracy at a training time, linearly interpolated; None past its last point."""
-    if not curve or seconds > curve[-1]["train_seconds"] + 1e-9:
+    """The accuracy of the last point measured at or before a training time (what a run stopped then would have:
+    no value between two measurements is made up, and a search counts only once it has finished); None before the
+    first point or past the last one."""
+    if not curve or seconds > curve[-1]["train_seconds"] + 1e-9 or seconds < curve[0]["train_seconds"] - 1e-9:
         return None
-    previous = None
-    for p in curve:
-        if p["train_seconds"] >= seconds:
-            if previous is None:
-                return p["accuracy"]
-            span = p["train_seconds"] - previous["train_seconds"]
-            w = 0.0 if span <= 0 else (seconds - previous["train_seconds"]) / span
-            return previous["accuracy"] + w * (p["accuracy"] - previous["accuracy"])
-        previous = p
-    return curve[-1]["accuracy"]
+    return [p for p in curve if p["train_seconds"] <= seconds + 1e-9][-1]["accuracy"]
 
 
 def summarize(results: dict) -> dict:
@@ -403,7 +397,13 @@ def summarize(results: dict) -> dict:
 
 def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
     lines = []
-    pairs = [("heft", "lora"), ("heft", "reft"), ("heft_searched", "heft"), ("heft_searched", "lora")]
+    pairs = [
+        ("heft", "lora"),
+        ("heft", "reft"),
+        ("heft_searched", "heft"),
+        ("heft_searched", "lora"),
+        ("heft_searched", "reft"),
+    ]
     for a, b in pairs:
         if a not in methods or b not in methods:
             continue
@@ -480,7 +480,8 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
         f"method (BoolQ, about 9,400 rows). Here one epoch is {steps} steps and the CPU affords "
         f"{s['long_epochs']:g} epochs per single method: the single methods get {s['long_epochs'] / (2 * s['short_epochs']):.1f}x "
         "HEFT's epochs instead of the paper's 3.3x, and the curves show each single method at every point of its run, "
-        "so each comparison is made both at the end and at equal training time.",
+        "so each comparison is made both at the end and at equal training time (the accuracy last measured by then: "
+        "nothing is interpolated, and HEFT-searched's search counts only once it has finished).",
         "",
         "<!-- --8<-- [start:results] -->",
         "| task | method | final accuracy (mean ± std) | per seed | best point (mean) | train time (min, mean) |",
@@ -537,30 +538,91 @@ def plot(summary: dict, out_dir: Path, stem: str) -> None:
                 xs,
                 [p["accuracy"] for p in m["curve"]],
                 styles[method],
+                drawstyle="steps-post",  # the accuracy last measured, as the verdicts read it: nothing interpolated
                 markersize=4,
                 label=f"{m['label']} (n={len(m['seeds'])})",
             )
             if len(m["seeds"]) > 1:
                 ax.fill_between(
-                    xs, [p["accuracy_min"] for p in m["curve"]], [p["accuracy_max"] for p in m["curve"]], alpha=0.15
+                    xs,
+                    [p["accuracy_min"] for p in m["curve"]],
+                    [p["accuracy_max"] for p in m["curve"]],
+                    step="post",
+                    alpha=0.15,
                 )
         ax.set_title(f"{task}: held-out accuracy vs training time (SmolLM2-135M, CPU)")
         ax.set_xlabel("training time (CPU min, one thread; evaluation excluded, search included)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         fig.savefig(out_dir / f"{stem}_{task}.png", dpi=110)
         plt.close(fig)
 
 
-def report(results: dict, out_dir: Path, stem: str) -> None:
+TASK_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "fever": "FEVER"}
+README_START, README_END = "<!-- replication_curves:start -->", "<!-- replication_curves:end -->"
+
+
+def readme_block(results: dict, summary: dict) -> str:
+    """The README's summary table: final held-out accuracy (mean ± std over seeds) and training time per method."""
+    s = results["setup"]
+    long, short = f"{s['long_epochs']:g}", f"{s['short_epochs']:g}"
+    columns = {
+        "lora": f"LoRA-only {long} ep",
+        "reft": f"ReFT-only {long} ep",
+        "heft": f"HEFT {short}+{short} ep",
+        "heft_searched": f"HEFT-searched ({s['trials']} trials)",
+    }
+    lines = [
+        "| task | " + " | ".join(columns.values()) + " | majority class | zero-shot |",
+        "|---|" + "---:|" * (len(columns) + 2),
+    ]
+    for task, t in summary.items():
+        cells = []
+        for method in columns:
+            m = t["methods"].get(method)
+            if m is None:
+                cells.append("not run yet")
+                continue
+            minutes = f"{m['train_seconds_mean'] / 60:.1f} min"
+            if len(m["seeds"]) > 1:
+                cells.append(f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f} ({minutes})")
+            else:
+                cells.append(f"{m['accuracy_mean']:.3f} (1 seed, {minutes})")
+        zero = t["zero_shot"]
+        tail = [f"{zero['majority_accuracy']:.3f}", f"{zero['accuracy']:.3f}"] if zero else ["-", "-"]
+        lines.append(f"| {TASK_NAMES.get(task, task)} | " + " | ".join(cells + tail) + " |")
+    seeds = sorted({r["seed"] for r in results["runs"].values() if "seed" in r})
+    lines += [
+        "",
+        f"Mean ± std over seeds {seeds}; time = training CPU minutes (one thread, evaluation excluded, the whole search "
+        "included). Verdicts, computed from the numbers by the benchmark:",
+        "",
+    ]
+    for t in summary.values():
+        lines += [f"- {v}" for v in t["verdicts"]]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Rewrite the README's replication table between its two markers (nothing else in the file changes)."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block for the replication table.")
+    readme.write_text(text[: start + len(README_START)] + "\n" + block + "\n" + text[end:])
+
+
+def report(results: dict, out_dir: Path, stem: str, readme: Path | None = None) -> None:
     summary = summarize(results)
     results["summary"] = summary
     write(results, out_dir / f"{stem}.json")
     md = markdown(results, summary, stem)
     (out_dir / f"{stem}.md").write_text(md)
     plot(summary, out_dir, stem)
+    if readme is not None:
+        update_readme(readme, readme_block(results, summary))
     print(md)
 
 
@@ -630,8 +692,8 @@ def main() -> None:
     parser.add_argument("--positions", default="f5+l5")
     parser.add_argument("--trials", type=int, default=4, help="fine-stage trials of HEFT-searched")
     parser.add_argument("--max_steps", type=int, default=None, help="cap every stage (smoke runs)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--stem", default="replication_curves")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--stem", default=DEFAULT_STEM)
     parser.add_argument("--work", type=Path, default=REPO / "out" / "replication_curves")
     parser.add_argument("--quick", action="store_true", help="1 seed, 16/8/16 rows, 2 steps per stage, into out/")
     parser.add_argument("--report", action="store_true", help="only rewrite the table, verdicts and plots")
@@ -645,11 +707,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.stem}.json"
     store = Store(json_path, args.work / "claims")
+    # the committed results (default folder and name) also rewrite README.md's table; other runs leave it alone
+    readme = REPO / "README.md" if (args.out, args.stem) == (DEFAULT_OUT, DEFAULT_STEM) else None
     if args.report:
         with store.locked() as results:
             if "setup" not in results:
                 raise SystemExit(f"{json_path}: no runs to report; run the benchmark first (without --report).")
-            report(results, args.out, args.stem)
+            report(results, args.out, args.stem, readme)
         return
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     setup = {k: getattr(args, k) for k in SETTINGS}
@@ -693,7 +757,7 @@ def main() -> None:
                     run["commit"], run["finished_utc"] = commit, datetime.datetime.now(datetime.UTC).isoformat()
                     with store.locked() as results:
                         results["runs"][key] = run
-                        report(results, args.out, args.stem)
+                        report(results, args.out, args.stem, readme)
                 finally:
                     store.release(key)
                 log(
