@@ -471,9 +471,13 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
         f"{s['short_epochs']:g} + {s['short_epochs']:g}; HEFT-searched trains the same LoRA stage once, then "
         f"{s['trials']} fine-stage trials of {s['short_epochs']:g} epoch(s) (layers, positions, weight sharing, rank, "
         "intervention type, learning rate; TPE sampler, median pruner on validation loss every quarter epoch) and "
-        "keeps the best. Accuracy: greedy generation of 4 tokens, first answer word matched, measured every "
+        "keeps the best. Its LoRA stage has HEFT's settings and seed but is not the same run to the bit: its "
+        "validation passes draw from the global random generator (each PyTorch DataLoader iteration draws a seed), "
+        "so LoRA dropout gets other masks from the first validation pass on. Accuracy: greedy generation of 4 "
+        "tokens, first answer word matched, measured every "
         f"{s['eval_every']} steps and at each stage's end; time: the training process's CPU time with one compute "
-        "thread (so other load on the machine does not distort it; wall time is in the JSON), evaluation excluded, "
+        "thread (other load on the machine does not stretch it as it stretches wall time, but a run that shared "
+        "the 2 cores pays more CPU time per step: up to 13% here, see the per-run table), evaluation excluded, "
         f"the whole search included for HEFT-searched. Seeds {s['seeds']}; mean ± sample std over seeds.",
         "",
         "How the schedule maps to the paper's: the paper trains HEFT 3 + 3 epochs against 20 epochs of each single "
@@ -514,6 +518,26 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
     if missing:
         lines += ["", f"Not run yet ({len(missing)}): {', '.join(missing)}."]
     lines += ["<!-- --8<-- [end:results] -->", ""]
+    lines += [
+        "Every run (CPU s per step: training CPU time over optimizer steps, the validation passes of HEFT-searched "
+        "included; runs that shared the 2 cores with another run or with tests show it as a higher cost per step; "
+        "load: the mean 1-minute load average at the curve points):",
+        "",
+        "| run | final accuracy | train CPU min | wall min | CPU s per step | load |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, run in sorted(results["runs"].items()):
+        if "curve" not in run:
+            continue
+        steps = sum((run.get("steps") or {}).values()) or None
+        per_step = f"{run['train_seconds'] / steps:.2f}" if steps else "-"
+        loads = [p["loadavg_1min"] for p in run["curve"] if p.get("loadavg_1min") is not None]
+        load = f"{statistics.mean(loads):.1f}" if loads else "-"
+        lines.append(
+            f"| {key} | {run['accuracy']:.3f} | {run['train_seconds'] / 60:.1f} | {run['wall_seconds'] / 60:.1f} | "
+            f"{per_step} | {load} |"
+        )
+    lines.append("")
     for task in summary:
         lines.append(f"![{task}: accuracy vs training time]({stem}_{task}.png)")
     return "\n".join(lines) + "\n"
