@@ -454,6 +454,24 @@ def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
     return lines
 
 
+def per_step_seconds(run: dict) -> float | None:
+    steps = sum((run.get("steps") or {}).values())
+    return run["train_seconds"] / steps if steps else None
+
+
+def per_step_spread(results: dict) -> str:
+    """How much the CPU time per step of one task and method varies between its runs (the cost of shared cores)."""
+    groups: dict = {}
+    for run in results["runs"].values():
+        cost = per_step_seconds(run) if "curve" in run else None
+        if cost is not None:
+            groups.setdefault((run["task"], run["method"]), []).append(cost)
+    spreads = [max(c) / min(c) - 1 for c in groups.values() if len(c) > 1]
+    if not spreads:
+        return "no task and method has two runs yet to compare"
+    return f"runs of the same task and method differ by up to {100 * max(spreads):.0f}% in CPU s per step"
+
+
 def markdown(results: dict, summary: dict, stem: str) -> str:
     s = results["setup"]
     steps = -(-s["train_size"] // s["batch_size"])
@@ -477,7 +495,8 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
         "tokens, first answer word matched, measured every "
         f"{s['eval_every']} steps and at each stage's end; time: the training process's CPU time with one compute "
         "thread (other load on the machine does not stretch it as it stretches wall time, but a run that shared "
-        "the 2 cores pays more CPU time per step: up to 13% here, see the per-run table), evaluation excluded, "
+        f"the 2 cores pays more CPU time per step: {per_step_spread(results)}, see the per-run table), evaluation "
+        "excluded, "
         f"the whole search included for HEFT-searched. Seeds {s['seeds']}; mean ± sample std over seeds.",
         "",
         "How the schedule maps to the paper's: the paper trains HEFT 3 + 3 epochs against 20 epochs of each single "
@@ -529,8 +548,8 @@ def markdown(results: dict, summary: dict, stem: str) -> str:
     for key, run in sorted(results["runs"].items()):
         if "curve" not in run:
             continue
-        steps = sum((run.get("steps") or {}).values()) or None
-        per_step = f"{run['train_seconds'] / steps:.2f}" if steps else "-"
+        cost = per_step_seconds(run)
+        per_step = f"{cost:.2f}" if cost is not None else "-"
         loads = [p["loadavg_1min"] for p in run["curve"] if p.get("loadavg_1min") is not None]
         load = f"{statistics.mean(loads):.1f}" if loads else "-"
         lines.append(
