@@ -370,32 +370,39 @@ def accuracy_at(curve: list[dict], seconds: float) -> float | None:
     return [p for p in curve if p["train_seconds"] <= seconds + 1e-9][-1]["accuracy"]
 
 
+def method_stats(method: str, runs: list[dict]) -> dict:
+    """Final accuracy (mean, std, per seed), best point, training time and the mean curve of one method's runs."""
+    finals = [r["accuracy"] for r in runs]
+    return {
+        "label": METHODS[method]["label"],
+        "seeds": [r["seed"] for r in runs],
+        "finals": finals,
+        "accuracy_mean": statistics.mean(finals),
+        "accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "best_accuracy_mean": statistics.mean(max(p["accuracy"] for p in r["curve"]) for r in runs),
+        "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
+        "curve": mean_curve(runs),
+    }
+
+
 def summarize(results: dict) -> dict:
     summary: dict = {}
     for task in sorted({r["task"] for r in results["runs"].values()}):
         task_runs = [r for r in results["runs"].values() if r["task"] == task]
         zero = next((r for r in task_runs if r["method"] == "zero_shot"), None)
-        methods = {}
-        for method in METHODS:
-            runs = sorted((r for r in task_runs if r["method"] == method), key=lambda r: r["seed"])
-            if not runs:
-                continue
-            finals = [r["accuracy"] for r in runs]
-            methods[method] = {
-                "label": METHODS[method]["label"],
-                "seeds": [r["seed"] for r in runs],
-                "finals": finals,
-                "accuracy_mean": statistics.mean(finals),
-                "accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "best_accuracy_mean": statistics.mean(max(p["accuracy"] for p in r["curve"]) for r in runs),
-                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
-                "curve": mean_curve(runs),
-            }
-        summary[task] = {"zero_shot": zero, "methods": methods, "verdicts": verdicts(task, methods, zero)}
+        runs = {
+            method: sorted((r for r in task_runs if r["method"] == method), key=lambda r: r["seed"])
+            for method in METHODS
+        }
+        runs = {method: method_runs for method, method_runs in runs.items() if method_runs}
+        methods = {method: method_stats(method, method_runs) for method, method_runs in runs.items()}
+        summary[task] = {"zero_shot": zero, "methods": methods, "verdicts": verdicts(task, methods, zero, runs)}
     return summary
 
 
-def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
+def verdicts(task: str, methods: dict, zero: dict | None, runs: dict) -> list[str]:
+    """One line per comparison, each made on the seeds both methods have run (paired), at the end and at equal
+    training time."""
     lines = []
     pairs = [
         ("heft", "lora"),
@@ -407,7 +414,13 @@ def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
     for a, b in pairs:
         if a not in methods or b not in methods:
             continue
-        ma, mb = methods[a], methods[b]
+        common = sorted(set(methods[a]["seeds"]) & set(methods[b]["seeds"]))
+        if not common:
+            continue
+        ma, mb = (method_stats(m, [r for r in runs[m] if r["seed"] in common]) for m in (a, b))
+        only = (
+            "" if common == methods[a]["seeds"] == methods[b]["seeds"] else f" (on seed(s) {common}, which both have)"
+        )
         delta = ma["accuracy_mean"] - mb["accuracy_mean"]
         ratio = ma["train_seconds_mean"] / max(mb["train_seconds_mean"], 1e-9)
         same_time = accuracy_at(mb["curve"], ma["train_seconds_mean"])
@@ -431,7 +444,7 @@ def verdicts(task: str, methods: dict, zero: dict | None) -> list[str]:
         spread = max(ma["accuracy_std"], mb["accuracy_std"])
         if n > 1 and abs(delta) <= spread:
             text += f"; the difference is within the seeds' spread (std up to {spread:.3f})"
-        lines.append(text + ".")
+        lines.append(text + only + ".")
     for name in ("heft", "heft_searched"):
         if name not in methods:
             continue
