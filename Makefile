@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 $(LATEST_VENV)/.stamp: pyproject.toml setup.py
 	$(call make-venv,$(LATEST_VENV),)
 
-# Convert the embedded SmolLM2 once and extract the BIG-bench tasks into the cache (a few seconds once done).
+# Convert the embedded SmolLM2 once and check the packaged data sets; downloads nothing (a few seconds once done).
 assets: venv
 	$(PY) -m peft_heft.assets
 

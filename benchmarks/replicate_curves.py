@@ -783,6 +783,11 @@ def main() -> None:
                 raise SystemExit(f"{json_path}: no runs to report; run the benchmark first (without --report).")
             report(results, args.out, args.stem, readme)
         return
+    for task in args.tasks:  # a task whose data is missing stops the run now, not hours in, with how to get it
+        try:
+            load_task_dataset(task, max_train=1, max_test=1)
+        except FileNotFoundError as error:
+            raise SystemExit(f"--tasks {task}: {error}") from error
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     setup = {k: getattr(args, k) for k in SETTINGS}
     with store.locked() as results:

@@ -421,6 +421,11 @@ def main() -> None:
             "seeds": sorted(set((old or {}).get("seeds", [])) | set(args.seeds)),
         }
         results["date_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        for task in args.tasks:  # a task whose data is missing stops the run now, not hours in, with how to get it
+            try:
+                load_task_dataset(task, max_train=1, max_test=1)
+            except FileNotFoundError as error:
+                raise SystemExit(f"--tasks {task}: {error}") from error
         started = time.perf_counter()
         for task in args.tasks:
             data = load_task_dataset(task, max_train=args.train_size, max_test=args.eval_size)

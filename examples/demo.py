@@ -9,7 +9,7 @@ What it shows (about 6 minutes on 2 CPU cores; a GPU is used when present):
 3. generation accuracy (greedy `generate`, answer match) zero-shot, after the LoRA stage and after the ReFT stage;
 4. where the adapter was saved, and that `PeftModel.from_pretrained` reloads it with the same accuracy.
 
-Run: `make demo` (prepares the assets first), or `.venv/bin/python examples/demo.py --task strategyqa`.
+Run: `make demo` (prepares the assets first), or `.venv/bin/python examples/demo.py --task debates`.
 `--fast` runs a few steps on a few examples (used by the tests).
 """
 

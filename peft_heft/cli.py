@@ -5,8 +5,8 @@ Examples:
 heft-sft --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --dataset_name data/train.jsonl \
     --output_dir out --lora_num_train_epochs 3 --reft_num_train_epochs 3 \
     --lora_target_modules q_proj v_proj --intervention_layers 2 4 6 --intervention_positions f7+l7
-heft-sft --model_name_or_path embedded:smollm2-135m-instruct --dataset_name embedded:strategyqa \
-    --output_dir out --eval_accuracy --answer_choices yes,no   # offline: embedded model and data (peft_heft.assets)
+heft-sft --model_name_or_path embedded:smollm2-135m-instruct --dataset_name embedded:debates \
+    --output_dir out --eval_accuracy --answer_choices democratic,republican   # offline: embedded model and data (peft_heft.assets)
 heft-sft --config heft.yaml          # any option in YAML; flags override it
 ```
 
@@ -213,7 +213,7 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """A local json/jsonl/csv/parquet file, an embedded task (``embedded:strategyqa``, see ``peft_heft.assets``), a
+    """A local json/jsonl/csv/parquet file, an embedded task (``embedded:rotten_tomatoes``, see ``peft_heft.assets``), a
     local dataset folder, or a dataset name on the Hub."""
     from datasets import DatasetDict, load_dataset
 

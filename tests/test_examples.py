@@ -73,10 +73,10 @@ def test_generate_with_adapter_example(tmp_path):
 def test_multi_adapter_example_switches_adapters(tmp_path):
     skip_without_embedded_assets()
     out = run_example("multi_adapter.py", "--fast", "--output_dir", str(tmp_path / "a"), tmp_path=tmp_path)
-    assert "active adapter 'sentiment'" in out and "active adapter 'yesno'" in out
+    assert "active adapter 'sentiment'" in out and "active adapter 'party'" in out
     diffs = dict(re.findall(r"(sentiment vs \w+) ([0-9.]+)", out))
-    assert float(diffs["sentiment vs yesno"]) > 0 and float(diffs["sentiment vs base"]) > 0, out[-2000:]
-    assert "after delete_adapter('yesno'): adapters ['sentiment']" in out
+    assert float(diffs["sentiment vs party"]) > 0 and float(diffs["sentiment vs base"]) > 0, out[-2000:]
+    assert "after delete_adapter('party'): adapters ['sentiment']" in out
 
 
 def test_merge_and_serve_example_keeps_outputs(tmp_path):

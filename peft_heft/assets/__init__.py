@@ -2,14 +2,23 @@
 
 Prepare everything once (this is what ``make assets`` runs)::
 
-    python -m peft_heft.assets            # convert the model, extract the data, print where they are
+    python -m peft_heft.assets            # convert the model, check the data, print where they are
 
 Then ``load_model_and_tokenizer("embedded:smollm2-135m-instruct")`` (also its default) and
-``load_task_dataset("strategyqa")`` work with no hub access.
+``load_task_dataset("rotten_tomatoes")`` work with no hub access and no download.
 """
 
 from .cache import cache_dir
-from .datasets import TASKS, TaskInfo, bigbench_dir, format_example, load_task_dataset, rotten_tomatoes_csv
+from .datasets import (
+    TASKS,
+    TaskInfo,
+    TaskNotAvailableError,
+    bigbench_dir,
+    format_example,
+    load_task_dataset,
+    prepare_bigbench,
+    rotten_tomatoes_csv,
+)
 from .model import (
     DEFAULT_MODEL,
     EMBEDDED_MODEL,
@@ -25,6 +34,7 @@ __all__ = [
     "EMBEDDED_MODEL",
     "TASKS",
     "TaskInfo",
+    "TaskNotAvailableError",
     "bigbench_dir",
     "cache_dir",
     "convert_gguf_to_hf",
@@ -33,6 +43,7 @@ __all__ = [
     "format_example",
     "load_model_and_tokenizer",
     "load_task_dataset",
+    "prepare_bigbench",
     "resolve_model_name_or_path",
     "rotten_tomatoes_csv",
 ]
