@@ -9,7 +9,7 @@ from typing import Any, Literal
 from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
-from .interventions import get_intervention_class
+from .interventions import get_intervention_class, has_no_bias_option
 from .positions import PositionSpec
 
 SUPPORTED_COMPONENTS = ("block_output",)
@@ -47,7 +47,8 @@ class HeftConfig(LoraConfig):
         intervention_act_fn (`str`, *optional*):
             Activation on `W h + b` (a `transformers.activations.ACT2FN` key); `None` means linear.
         intervention_add_bias (`bool`):
-            Bias of NoReFT's projection layer (pyreft's `add_bias`).
+            Bias of NoReFT's projection layer (pyreft's `add_bias`): for `"noreft"` and registered types only;
+            `True` with `"loreft"` or `"direft"` (which have no such layer) is an error rather than ignored.
         base_model_hidden_size (`int`, *optional*):
             Filled in when the adapter is created and checked when it is loaded, so that an adapter is never put on a
             model of another shape.
@@ -88,7 +89,10 @@ class HeftConfig(LoraConfig):
     intervention_act_fn: str | None = field(
         default=None, metadata={"help": "Activation applied to W h + b (ACT2FN key); None for linear."}
     )
-    intervention_add_bias: bool = field(default=False, metadata={"help": "Bias in NoReFT's projection layer."})
+    intervention_add_bias: bool = field(
+        default=False,
+        metadata={"help": "Bias in NoReFT's projection layer ('noreft' and user types only; an error elsewhere)."},
+    )
     base_model_hidden_size: int | None = field(
         default=None, metadata={"help": "Hidden size of the model the adapter was made for (filled in automatically)."}
     )
@@ -127,6 +131,12 @@ class HeftConfig(LoraConfig):
             )
         self.share_intervention_weights = _checked(bool, "share_intervention_weights", self.share_intervention_weights)
         self.intervention_add_bias = _checked(bool, "intervention_add_bias", self.intervention_add_bias)
+        if self.intervention_add_bias and has_no_bias_option(get_intervention_class(self.intervention_type)):
+            raise ValueError(
+                f"intervention_add_bias=True has no effect with intervention_type={self.intervention_type!r}: it adds "
+                "the bias of NoReFT's projection layer, and that type has none (its learned source W h + b always "
+                "has its bias). Remove intervention_add_bias (or set it to False), or use intervention_type='noreft'."
+            )
         self.intervention_dropout = _checked(float, "intervention_dropout", self.intervention_dropout, example="0.1")
         if not 0.0 <= self.intervention_dropout < 1.0:
             raise ValueError(
@@ -238,7 +248,18 @@ def _check_local_folder_on_load(config_cls):
 
         from .saving import check_local_adapter_folder, check_settings
 
-        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        folder = (
+            os.path.join(str(pretrained_model_name_or_path), subfolder)
+            if subfolder
+            else str(pretrained_model_name_or_path)
+        )
+        if os.path.isfile(folder):  # PEFT would say it "can't find adapter_config.json" at the path of that very file
+            parent = os.path.dirname(folder) or "."
+            raise ValueError(
+                f"{folder!r} is a file; an adapter is loaded from the folder that holds adapter_config.json and "
+                f"adapter_model.safetensors. Pass the folder: {parent!r}, e.g. PeftModel.from_pretrained(base_model, "
+                f"{parent!r})."
+            )
         local = os.path.isdir(folder)
         if local:
             check_local_adapter_folder(folder)

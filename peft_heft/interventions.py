@@ -192,6 +192,14 @@ def register_intervention_type(name: str, cls: type[TrainableIntervention], *, o
     INTERVENTION_TYPES[key] = cls
 
 
+def has_no_bias_option(cls: type) -> bool:
+    """True for the built-in types that have no bias to add (``add_bias`` only shapes NoReFT's projection ``W₂``).
+
+    A type registered by the user receives ``add_bias`` and decides for itself, so it is never refused here.
+    """
+    return cls in (LoreftIntervention, DireftIntervention)
+
+
 def get_intervention_class(name: str) -> type[TrainableIntervention]:
     try:
         return INTERVENTION_TYPES[name.lower()]

@@ -72,6 +72,14 @@ BAD_VALUES = {
         ["'f100000000'", "100000000 positions", f"at most {MAX_INTERVENTION_POSITIONS}", "gigabytes", "'all'"],
     ),
     "positions-huge-suffix": ({"intervention_positions": "f7+l9000"}, ["'f7+l9000'", "9000 positions", "8192"]),
+    "add-bias-loreft": (
+        {"intervention_add_bias": True},
+        ["intervention_add_bias=True has no effect", "intervention_type='loreft'", "intervention_type='noreft'"],
+    ),
+    "add-bias-direft": (
+        {"intervention_add_bias": True, "intervention_type": "direft"},
+        ["intervention_type='direft'", "set it to False"],
+    ),
 }
 
 
@@ -172,3 +180,26 @@ def test_heft_sft_config_keeps_good_values(tmp_path):
     assert args.stage_order == ["reft", "lora"]
     assert args.stage_options("lora")["max_steps"] == 5 and args.stage_options("reft")["num_train_epochs"] == 2
     assert args.merge_lora_before_reft is False
+
+
+def test_add_bias_is_kept_where_it_shapes_the_intervention():
+    """NoReFT's projection gets its bias; a registered type receives add_bias and decides itself, so it is not refused."""
+    import torch
+
+    from peft_heft import register_intervention_type
+    from peft_heft.interventions import INTERVENTION_TYPES, NoreftIntervention, build_intervention
+
+    assert heft(intervention_type="noreft", intervention_add_bias=True).intervention_add_bias is True
+    noreft = build_intervention(
+        "noreft", hidden_size=8, rank=2, dropout=0.0, dtype=torch.float32, device=None, add_bias=True
+    )
+    assert noreft.proj_layer.bias is not None
+
+    class MyNoreft(NoreftIntervention):
+        pass
+
+    register_intervention_type("my_noreft_with_bias", MyNoreft)
+    try:
+        assert heft(intervention_type="my_noreft_with_bias", intervention_add_bias=True).intervention_add_bias
+    finally:
+        INTERVENTION_TYPES.pop("my_noreft_with_bias")

@@ -116,6 +116,20 @@ def _rewrite(path, change):
     save_file(weights, path)
 
 
+def test_a_path_to_adapter_config_json_names_the_folder_to_pass(tmp_path):
+    trained_model().save_pretrained(tmp_path)
+    file = str(tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError) as error:
+        HeftConfig.from_pretrained(file)
+    message = str(error.value)
+    assert f"{file!r} is a file" in message and f"PeftModel.from_pretrained(base_model, {str(tmp_path)!r})" in message
+    # PeftModel.from_pretrained reads the file's peft_type in PEFT's own code, before any HEFT code runs, and says the
+    # same for every PEFT method. A plugin cannot change that without patching PEFT (docs/saving-loading.md says to
+    # pass the folder): this pins upstream's message, so that we notice when PEFT improves it.
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at '.*adapter_config.json'"):
+        PeftModel.from_pretrained(tiny_llama(), file)
+
+
 def test_missing_intervention_weight_is_an_error(tmp_path):
     model = trained_model()
     model.save_pretrained(tmp_path)

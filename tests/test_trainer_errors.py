@@ -225,6 +225,25 @@ def test_read_only_output_dir_is_refused_for_a_normal_user(tmp_path, no_dataset_
         folder.chmod(stat.S_IRWXU)
 
 
+def test_save_model_into_a_file_is_refused_like_the_constructor_does(tmp_path, monkeypatch):
+    from peft_heft.trainer import staged_sft
+
+    (tmp_path / "adapter.bin").write_text("a file")
+    (tmp_path / "file").write_text("x")
+    args = cpu_sft_args(tmp_path / "out")
+    for target, pieces in [
+        (
+            tmp_path / "adapter.bin",
+            ["save_model's output_dir=", "is an existing file, not a folder", "save_model('a-folder')"],
+        ),
+        (tmp_path / "file" / "sub", ["cannot be created", "is a file, not a folder"]),
+    ]:
+        with pytest.raises(NotADirectoryError) as error:
+            staged_sft.save_staged(str(target), args, lambda folder: None)
+        assert_pieces(error, *pieces)
+    assert (tmp_path / "adapter.bin").read_text() == "a file"
+
+
 # ------------------------------------------------------------------ 6. processing_class
 def test_model_built_from_a_config_needs_processing_class(tmp_path):
     with pytest.raises(ValueError) as error:

@@ -580,7 +580,7 @@ def save_staged(output_dir: str, args, write: Callable[[str], None]) -> None:
     `peft_heft.saving.replace_into` then commits the folder and renames each file into place. A killed save leaves
     the old adapter or the new one.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    check_writable_folder(output_dir, "save_model's output_dir", "trainer.save_model('a-folder')")
     finish_interrupted_saves(output_dir, remove_incomplete=True)
     staging = new_staging_folder(output_dir)
     try:
@@ -755,12 +755,17 @@ def _check_output_dir(args: HeftSFTConfig) -> None:
     """Checkpoints and the adapter go to output_dir: find out now, not at the first save, that it cannot hold them."""
     if not args.should_save:
         return  # only the saving process writes there
-    given = str(args.output_dir)
+    check_writable_folder(str(args.output_dir), "output_dir", "HeftSFTConfig(output_dir=...)")
+
+
+def check_writable_folder(given: str, name: str, how: str) -> None:
+    """Refuse, with what to do, a folder path that is a file, lies under a file, or cannot be written; create it."""
     path = os.path.abspath(given)
+    a_name = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(
-            f"output_dir={given!r} is an existing file, not a folder; StagedSFTTrainer saves its checkpoints and "
-            "the adapter into output_dir. Pass the path of a folder (HeftSFTConfig(output_dir=...)), or move the "
+            f"{name}={given!r} is an existing file, not a folder; checkpoints and the adapter are saved as a folder "
+            f"(adapter_config.json, adapter_model.safetensors, ...). Pass the path of a folder ({how}), or move the "
             "file away."
         )
     existing = path
@@ -768,8 +773,8 @@ def _check_output_dir(args: HeftSFTConfig) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise NotADirectoryError(
-            f"output_dir={given!r} cannot be created: {existing} is a file, not a folder. Pass an output_dir whose "
-            "parents are folders."
+            f"{name}={given!r} cannot be created: {existing} is a file, not a folder. Pass {a_name} whose parents "
+            "are folders."
         )
     try:
         os.makedirs(path, exist_ok=True)
@@ -778,8 +783,8 @@ def _check_output_dir(args: HeftSFTConfig) -> None:
         os.remove(probe)
     except OSError as error:
         message = (
-            f"output_dir={given!r} is not writable ({error.strerror or error}); StagedSFTTrainer saves its "
-            "checkpoints and the adapter there. Pass an output_dir you can write to, or fix its permissions."
+            f"{name}={given!r} is not writable ({error.strerror or error}); checkpoints and the adapter are saved "
+            f"there. Pass {a_name} you can write to, or fix its permissions."
         )
         raise (PermissionError(message) if isinstance(error, PermissionError) else OSError(message)) from error
 
