@@ -53,8 +53,10 @@ def heft_settings_table(config: HeftConfig) -> str:
     return "\n".join(lines)
 
 
-def loading_snippet(model_id: str) -> str:
-    """The code that loads the adapter: ``import peft_heft`` first, then PEFT as usual."""
+def loading_snippet(model_id: str, base_model: str | None = None) -> str:
+    """The code that loads the adapter (``import peft_heft`` first, then PEFT as usual), and how to evaluate it with
+    lm-evaluation-harness: only through peft-heft's ``heft`` model, since other scorers misplace the interventions."""
+    base = base_model or "BASE_MODEL"
     return (
         "```python\n"
         "import peft_heft  # registers the HEFT method with PEFT; needed before loading this adapter\n"
@@ -64,7 +66,16 @@ def loading_snippet(model_id: str) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"].base_model_name_or_path)\n'
         "```\n\n"
         "Needs `pip install peft-heft`. `import peft_heft` registers the `HEFT` method with PEFT (a regular install "
-        "also does it when `peft` is imported); where HEFT is not registered, loading stops with `KeyError: 'HEFT'`."
+        "also does it when `peft` is imported); where HEFT is not registered, loading stops with `KeyError: 'HEFT'`.\n\n"
+        "Evaluate it with lm-evaluation-harness through peft-heft's `heft` model (`pip install 'peft-heft[lm-eval]'`):\n\n"
+        "```bash\n"
+        f"python -m peft_heft.lm_eval --model heft --model_args pretrained={base},peft={model_id} --tasks TASK\n"
+        "```\n\n"
+        "It puts the ReFT interventions on each request's prompt, as training and `generate()` do. lm_eval's own "
+        "`--model hf` stops with an error on this adapter. Any other scorer that runs prompt + answer through "
+        "`model(input_ids)` gets the interventions on the answer too, **with no error**: pass "
+        "`intervention_prompt_lengths=` (the prompt's token count of each row) with such calls. Serving engines "
+        "(vLLM, TGI, ...) do not apply the interventions."
     )
 
 
@@ -123,7 +134,7 @@ def heft_card_section(
         "",
         "### Load it",
         "",
-        loading_snippet(model_id),
+        loading_snippet(model_id, config.base_model_name_or_path),
         "",
         f"Base model: `{config.base_model_name_or_path}`." if config.base_model_name_or_path else "",
         "",

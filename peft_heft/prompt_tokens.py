@@ -11,13 +11,19 @@ Any other caller of ``forward`` gets, in this order:
    all prompt.
 4. Nothing: every real token of the row (``attention_mask``) is the prompt, as in a `generate()` prefill. Without an
    ``attention_mask`` every token counts as real; a batch of several rows without one gets a warning (once), since
-   padding cannot be told apart.
+   padding cannot be told apart. A call with none of 1.-3. made by lm-evaluation-harness' code (its ``hf`` model
+   scores context + continuation this way) is refused: :func:`refuse_lm_eval_call`.
 
 The position spec (``f<n>+l<n>``, ...) is then applied to the prompt tokens of each row.
+
+Outside lm_eval, a call with none of 1.-3. cannot be told apart from a call on a prompt (a `generate()` prefill, a
+user's ``model(input_ids)``): any other scorer that runs prompt + answer that way gets interventions on the answer
+too, without an error. Scorers pass ``intervention_prompt_lengths=``.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +39,47 @@ def warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _lm_eval_frame():
+    """The innermost frame of lm-evaluation-harness' code (a module ``lm_eval`` or ``lm_eval.*``) on this thread's
+    stack, or ``None``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__")
+        if isinstance(module, str) and (module == "lm_eval" or module.startswith("lm_eval.")):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def refuse_lm_eval_call() -> None:
+    """Raise when lm-evaluation-harness runs a HEFT forward that says nothing about where the prompt ends.
+
+    Called for a HEFT forward with interventions to apply, no ``intervention_locations``, no
+    ``intervention_prompt_lengths``, no ``labels`` and outside `generate()`. lm_eval's ``hf`` model (also
+    ``hf-auto``/``huggingface`` and subclasses) scores log-likelihoods exactly so: ``model(inps)`` on context +
+    continuation, right-padded, no mask. HEFT would take every row, answer and padding included, as the prompt: on a
+    trained adapter that is nats off, and different at every batch size, batch size 1 included. A call like that from
+    lm_eval's code (a module ``lm_eval.*`` on the call stack) cannot be right, so it stops here; peft-heft's own
+    ``heft`` model passes prompt lengths and never gets here. Any other caller is left alone: ``model(input_ids)`` on
+    a prompt is a correct call (it is what a `generate()` prefill is), and peft-heft cannot tell it from a call on
+    prompt + answer.
+    """
+    frame = _lm_eval_frame()
+    if frame is None:
+        return
+    caller = f"{frame.f_globals.get('__name__')}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+    raise RuntimeError(
+        f"lm-evaluation-harness called a HEFT model without saying where each row's prompt ends (from {caller}, with "
+        f"no {PROMPT_LENGTHS_KWARG}, intervention_locations or labels). lm_eval's `hf` model (--model hf "
+        "--model_args pretrained=BASE,peft=HEFT_ADAPTER) calls it this way: it scores context + continuation as one "
+        "right-padded row with no attention mask, so HEFT's interventions would land on the continuation being scored "
+        "and on padding, and the log-likelihoods would be wrong at every batch size. Evaluate HEFT adapters with "
+        "peft-heft's `heft` model, same model_args: `python -m peft_heft.lm_eval --model heft --model_args "
+        'pretrained=BASE,peft=ADAPTER ...` (or `import peft_heft.lm_eval` and `simple_evaluate(model="heft", ...)`). '
+        f"A custom lm_eval model passes {PROMPT_LENGTHS_KWARG}= (each row's prompt token count) with each call."
+    )
 
 
 def prompt_mask_from_lengths(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,15 @@
-"""lm-evaluation-harness on a HEFT adapter (local task YAMLs, tiny model saved to disk): the ``heft`` model's
-log-likelihoods equal a direct scoring with the context's locations given explicitly, do not depend on the batch
-size, and its accuracy equals ``peft_heft.evaluation``'s; ``generate_until`` equals HEFT's ``generate``; lm_eval's
-plain ``hf`` model is shown to be wrong on the same adapter (and the entry point refuses it)."""
+"""lm-evaluation-harness on a HEFT adapter (local task YAMLs, tiny models saved to disk).
+
+The ``heft`` model's log-likelihoods equal a direct scoring with the interventions on the full prompt (the context
+string as the task wrote it, the trailing whitespace lm_eval moves into the continuation included, tokenized as
+training and ``generate()`` tokenize a prompt), at batch sizes 1 and 8, through ``simple_evaluate`` and through the
+command line; its accuracy equals ``peft_heft.evaluation``'s; ``generate_until`` equals HEFT's ``generate``. lm_eval's
+plain ``hf`` model on a HEFT adapter is stopped with an error naming ``--model heft`` (its ``generate_until``, which
+passes the attention mask, is right and runs).
+
+Task managers skip lm_eval's own task index (``include_defaults=False``, 12 s per index); the command-line tests
+cannot, and are marked slow.
+"""
 
 import json
 import os
@@ -12,12 +20,17 @@ import pytest
 import torch
 from conftest import randomize_interventions
 from peft import PeftModel, get_peft_model
-from sft_fixtures import tiny_sft_model, tiny_tokenizer, yes_no_rows
+from sft_fixtures import SPECIALS, WORDS, tiny_sft_model, tiny_tokenizer, yes_no_rows
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_heft import HeftConfig, compute_locations
 from peft_heft.evaluation import evaluate_choice_accuracy
+from peft_heft.trainer.collator import PROMPT_LENGTH_COLUMN
+from peft_heft.trainer.prompts import prompt_length_fn
 
 lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import peft_heft.lm_eval as heft_lm_eval  # noqa: E402
@@ -72,13 +85,87 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny base model and tokenizer on disk, a HEFT adapter whose interventions change the scores, and tasks."""
-    root = tmp_path_factory.mktemp("lm_eval")
-    base, tokenizer = tiny_sft_model(), tiny_tokenizer()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+# Chat-style contexts: the chat template's generation prompt ends in "\n" (its own token, as in SmolLM2 or Llama 3),
+# which lm_eval moves from the context into the continuation; ``heft_nl`` ends a plain context in " Answer:\n".
+CHAT_CHOICES = ["yes it big", "no it big"]
+
+CHAT_TASK = """task: heft_chat
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+target_delimiter: ""
+doc_to_choice: {choices}
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+NEWLINE_TASK = """task: heft_nl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}} Answer:\\n"
+target_delimiter: ""
+doc_to_choice: {choices}
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """Pieces like a byte-level BPE's (GPT-2, SmolLM2, Llama 3): a word with its leading space is one token, "\n" and
+    a trailing space are tokens of their own, so "Answer: " tokenizes as " Answer:", " " but "Answer: yes" as
+    " Answer:", " yes"."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["\n", " "] + WORDS + [" " + w for w in WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^\s]+|\n| +"), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def chat_model(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def heft_adapter(base):
+    """A HEFT adapter (LoRA + f2+l2 interventions on all layers) whose interventions change the scores visibly."""
     config = HeftConfig(
         task_type="CAUSAL_LM",
         r=4,
@@ -92,38 +179,70 @@ def saved(tmp_path_factory):
     model = get_peft_model(base, config)
     model.base_model.set_stage("reft")
     randomize_interventions(model, scale=0.8)
-    model.save_pretrained(root / "adapter")
-    rows = [{"question": q, "answer": a, "label": CHOICES.index(f" {a} it big")} for q, a in yes_no_rows(20, seed=4)]
+    return model
+
+
+def write_tasks(root, tasks, rows, choices):
+    """The rows as a local json file and each task YAML reading it."""
     with open(root / "data.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for name, text in (("mc", MC_TASK), ("gen", GEN_TASK), ("rolling", ROLLING_TASK)):
-        (tasks / f"{name}.yaml").write_text(text.format(data=root / "data.jsonl", choices=json.dumps(CHOICES)))
+    (root / "tasks").mkdir()
+    for name, text in tasks:
+        (root / "tasks" / f"{name}.yaml").write_text(
+            text.format(data=root / "data.jsonl", choices=json.dumps(choices))
+        )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny base model and tokenizer on disk, a HEFT adapter whose interventions change the scores, and tasks."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    base, tokenizer = tiny_sft_model(), tiny_tokenizer()
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    heft_adapter(base).save_pretrained(root / "adapter")
+    rows = [{"question": q, "answer": a, "label": CHOICES.index(f" {a} it big")} for q, a in yes_no_rows(20, seed=4)]
+    write_tasks(root, [("mc", MC_TASK), ("gen", GEN_TASK), ("rolling", ROLLING_TASK)], rows, CHOICES)
     return root, rows
 
 
-def loaded(root):
-    model = PeftModel.from_pretrained(tiny_sft_model_from(root), root / "adapter").eval()
-    return model, tiny_tokenizer()
+@pytest.fixture(scope="module")
+def chat_saved(tmp_path_factory):
+    """Like ``saved``, with a tokenizer that has a "\n" token and a chat template ending in "<|assistant|>\n"."""
+    root = tmp_path_factory.mktemp("lm_eval_chat")
+    tokenizer = chat_tokenizer()
+    base = chat_model(len(tokenizer))
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    heft_adapter(base).save_pretrained(root / "adapter")
+    rows = [{"question": q, "label": CHAT_CHOICES.index(f"{a} it big")} for q, a in yes_no_rows(16, seed=5)]
+    write_tasks(root, [("chat", CHAT_TASK), ("nl", NEWLINE_TASK)], rows, CHAT_CHOICES)
+    return root, rows
+
+
+def loaded(root, tokenizer_fn=tiny_tokenizer):
+    base = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    return PeftModel.from_pretrained(base, root / "adapter").eval(), tokenizer_fn()
 
 
 def tiny_sft_model_from(root):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
 
 
-def evaluate(root, task, model="heft", batch_size=1, limit=None):
-    args = f"pretrained={root / 'base'},peft={root / 'adapter'},tokenizer={root / 'base'},dtype=float32,device=cpu"
+def model_args(root):
+    return f"pretrained={root / 'base'},peft={root / 'adapter'},tokenizer={root / 'base'},dtype=float32"
+
+
+def evaluate(root, task, model="heft", batch_size=1, limit=None, **kwargs):
     return lm_eval.simple_evaluate(
         model=model,
-        model_args=args,
+        model_args=model_args(root) + ",device=cpu",
         tasks=[task],
-        task_manager=TaskManager(include_path=str(root / "tasks")),
+        task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
         batch_size=batch_size,
         log_samples=True,
         limit=limit,
+        **kwargs,
     )
 
 
@@ -131,6 +250,12 @@ def loglikelihoods(results, task):
     """Per document, per choice: lm_eval's log-likelihood (in document order)."""
     samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
     return torch.tensor([[float(r[0][0]) for r in s["resps"]] for s in samples], dtype=torch.float64)
+
+
+def request_pairs(results, task):
+    """Per document, per choice: the (context, continuation) strings lm_eval scored, as the task wrote them."""
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [[tuple(args) for args in s["arguments"]] for s in samples]
 
 
 @torch.no_grad()
@@ -156,15 +281,121 @@ def direct_scores(model, tokenizer, rows):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_loglikelihoods_equal_direct_scoring_at_batch_sizes_1_and_8(saved):
+def training_prompt_length(tokenizer, context, continuation):
+    """The prompt length StagedSFTTrainer gives the prompt/completion example (context, continuation)."""
+    example = {
+        "prompt": context,
+        "completion": continuation,
+        "input_ids": tokenizer(context + continuation)["input_ids"],
+    }
+    return prompt_length_fn(example, tokenizer, None, keep_end=False)[PROMPT_LENGTH_COLUMN]
+
+
+@torch.no_grad()
+def full_prompt_scores(model, tokenizer, pairs, prompt_of=training_prompt_length):
+    """Each (context, continuation) scored alone, the interventions placed by hand on the full prompt: the context
+    string as the task wrote it (trailing whitespace included), tokenized as training and generate() tokenize a
+    prompt (``prompt_of``: StagedSFTTrainer's own count). Scored: the tokens lm_eval scores, i.e. those after the
+    context without its trailing whitespace (lm_eval moves that whitespace into the continuation)."""
+    spec = model.peft_config["default"].position_spec
+    out = []
+    for doc in pairs:
+        scores = []
+        for context, continuation in doc:
+            whole = tokenizer(context + continuation)["input_ids"]
+            scored_from = len(tokenizer(context.rstrip())["input_ids"])
+            ids = torch.tensor([whole])
+            prompt_mask = (torch.arange(len(whole)) < prompt_of(tokenizer, context, continuation)).long()[None]
+            locations = compute_locations(spec, prompt_mask, 1, ids.shape[1], share_weights=False)
+            logits = model(input_ids=ids, intervention_locations=locations).logits[0, :-1]
+            logp = torch.log_softmax(logits.double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            scores.append(float(logp[scored_from - 1 :].sum()))
+        out.append(scores)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def lm_eval_context_length(tokenizer, context, continuation):
+    """Where lm_eval's context ends: without its trailing whitespace (the placement the heft model used to have)."""
+    return len(tokenizer(context.rstrip())["input_ids"])
+
+
+@pytest.mark.parametrize("task", ["heft_chat", "heft_nl"])
+def test_interventions_sit_on_the_full_prompt_whatever_lm_eval_moves(chat_saved, task):
+    """A chat template's trailing "\n" (or a context's) that lm_eval moves into the continuation stays in the prompt
+    HEFT intervenes on, as in training and generate(), at batch sizes 1 and 8."""
+    root, rows = chat_saved
+    model, tokenizer = loaded(root, chat_tokenizer)
+    chat = {"apply_chat_template": True} if task == "heft_chat" else {}
+    one_results = evaluate(root, task, batch_size=1, **chat)
+    pairs = request_pairs(one_results, task)
+    assert all(context.endswith("\n") for doc in pairs for context, _ in doc), pairs[0]
+    if task == "heft_chat":
+        assert pairs[0][0][0].endswith("</s>\n<|assistant|>\n") and pairs[0][0][1] == CHAT_CHOICES[0]
+    reference = full_prompt_scores(model, tokenizer, pairs)
+    one = loglikelihoods(one_results, task)
+    eight_results = evaluate(root, task, batch_size=8, **chat)
+    torch.testing.assert_close(one, reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(loglikelihoods(eight_results, task), reference, rtol=0, atol=1e-4)
+    labels = torch.tensor([r["label"] for r in rows])
+    expected_accuracy = float((reference.argmax(dim=1) == labels).double().mean())
+    assert eight_results["results"][task]["acc,none"] == pytest.approx(expected_accuracy, abs=1e-9)
+
+    # the reference is where generate() intervenes: the "\n" is the prompt's last token, and the logits at it are
+    # generate()'s first-step logits on the context alone
+    context, continuation = pairs[0][0]
+    prompt = tokenizer(context)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(prompt[-1]) == "\n"
+    assert training_prompt_length(tokenizer, context, continuation) == len(prompt)
+    ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
+    prompt_mask = (torch.arange(ids.shape[1]) < len(prompt)).long()[None]
+    spec = model.peft_config["default"].position_spec
+    with torch.no_grad():
+        locations = compute_locations(spec, prompt_mask, 1, ids.shape[1], share_weights=False)
+        scored = model(input_ids=ids, intervention_locations=locations).logits[0, len(prompt) - 1]
+        first = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        ).logits[0][0]
+    torch.testing.assert_close(first, scored, rtol=0, atol=1e-5)
+
+    # placing the interventions by lm_eval's shortened context (what the heft model did before) is measurably off
+    by_context = full_prompt_scores(model, tokenizer, pairs, prompt_of=lm_eval_context_length)
+    assert (by_context - reference).abs().max() > 0.05
+
+
+def test_context_whose_trailing_space_merges_with_the_continuation(chat_saved):
+    """ "w1 ? Answer: " alone ends in a " " token, but "w1 ? Answer: yes" tokenizes " yes": the prompt is the tokens
+    both share, as StagedSFTTrainer counts it (with a warning); a continuation of moved whitespace only is refused."""
+    root, _ = chat_saved
+    model, tokenizer = loaded(root, chat_tokenizer)
+    lm = heft_lm_eval.HeftLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    pairs = [("w1 w5 ? Answer: ", "yes it big"), ("w1 w5 ? Answer: ", "no it big"), ("w9 ?\n", "yes it big")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    with pytest.warns(UserWarning, match="merge with the continuation"):
+        got = torch.tensor([score for score, _ in lm.loglikelihood(requests)], dtype=torch.float64)
+    assert training_prompt_length(tokenizer, *pairs[0]) == len(tokenizer("w1 w5 ? Answer:")["input_ids"])
+    reference = full_prompt_scores(model, tokenizer, [pairs])[0]
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="adds no token of its own"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("w9 ?\n", ""), 0)])
+
+
+def test_loglikelihoods_equal_direct_scoring_at_batch_sizes_1_8_and_auto(saved):
     root, rows = saved
     model, tokenizer = loaded(root)
     reference = direct_scores(model, tokenizer, rows)
     one = loglikelihoods(evaluate(root, "heft_yesno", batch_size=1), "heft_yesno")
     eight_results = evaluate(root, "heft_yesno", batch_size=8)
     eight = loglikelihoods(eight_results, "heft_yesno")
+    auto_results = evaluate(root, "heft_yesno", batch_size="auto")  # lm_eval probes the batch size mid-scoring
     torch.testing.assert_close(one, reference, rtol=0, atol=1e-4)
     torch.testing.assert_close(eight, reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(loglikelihoods(auto_results, "heft_yesno"), reference, rtol=0, atol=1e-4)
+    assert auto_results["config"]["batch_sizes"], auto_results["config"]
     # the accuracy lm_eval reports is peft_heft.evaluation's on the same data
     ours = evaluate_choice_accuracy(
         model, tokenizer, [f"{r['question']} Answer:" for r in rows], [CHOICES] * len(rows), [r["label"] for r in rows]
@@ -172,11 +403,21 @@ def test_loglikelihoods_equal_direct_scoring_at_batch_sizes_1_and_8(saved):
     assert eight_results["results"]["heft_yesno"]["acc,none"] == pytest.approx(ours["accuracy"], abs=1e-9)
     torch.testing.assert_close(torch.tensor(ours["scores"], dtype=torch.float64), reference, rtol=0, atol=1e-4)
 
-    # lm_eval's plain `hf` model on the same adapter: interventions on the answers and the padding, scores move
-    plain_one = loglikelihoods(evaluate(root, "heft_yesno", model="hf", batch_size=1), "heft_yesno")
-    plain_eight = loglikelihoods(evaluate(root, "heft_yesno", model="hf", batch_size=8), "heft_yesno")
-    assert (plain_one - reference).abs().max() > 0.05
-    assert (plain_eight - plain_one).abs().max() > 0.05
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_plain_hf_model_on_a_heft_adapter_is_stopped(saved, batch_size):
+    """lm_eval's `hf` model scores context + continuation with no mask and no prompt boundary: at any batch size it
+    would put the interventions on the answers (and padding), so HEFT's forward stops it, naming --model heft."""
+    root, _ = saved
+    with pytest.raises(RuntimeError, match=r"lm_eval\.models\.huggingface\.HFLM\._model_call.*--model heft"):
+        evaluate(root, "heft_yesno", model="hf", batch_size=batch_size)
+    # the same adapter called outside lm_eval on one unpadded row, no mask, is a prompt: it still runs
+    model, tokenizer = loaded(root)
+    ids = torch.tensor([tokenizer("w1 w2 ? Answer:")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, model(input_ids=ids, intervention_prompt_lengths=[ids.shape[1]]).logits
+        )
 
 
 def test_generate_until_equals_heft_generate(saved):
@@ -196,6 +437,9 @@ def test_generate_until_equals_heft_generate(saved):
         return texts
 
     assert [g.strip() for g in got] == one_at_a_time()
+    # lm_eval's `hf` model generates through HEFT's generate() with the attention mask: right, so it is not stopped
+    plain = evaluate(root, "heft_yesno_gen", model="hf", batch_size=8)["samples"]["heft_yesno_gen"]
+    assert [s["resps"][0][0] for s in sorted(plain, key=lambda s: s["doc_id"])] == got
     model.base_model.set_stage("frozen", apply_interventions=False)  # the interventions decide these generations
     assert one_at_a_time() != [g.strip() for g in got]
 
@@ -239,31 +483,65 @@ def test_heft_model_needs_a_heft_adapter(saved):
         heft_lm_eval.HeftLM(pretrained=tiny_sft_model_from(root), tokenizer=tiny_tokenizer(), device="cpu")
 
 
-def test_entry_point_runs_lm_eval_and_refuses_hf_with_a_heft_adapter(saved, tmp_path):
-    root, _ = saved
-    args = f"pretrained={root / 'base'},peft={root / 'adapter'},tokenizer={root / 'base'},dtype=float32"
-    common = ["--tasks", "heft_yesno", "--include_path", str(root / "tasks"), "--batch_size", "8", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PEFT_HEFT_NO_AUTOLOAD": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "peft_heft.lm_eval", "--model", "heft", "--model_args", args, *common]
-        + ["--output_path", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
+def run_cli(command, tmp_path, autoload=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not autoload:
+        env["PEFT_HEFT_NO_AUTOLOAD"] = "1"
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+
+def lm_eval_console_script():
+    """lm_eval's own command (the `lm_eval` console script next to this Python), else `python -m lm_eval`."""
+    script = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "lm_eval"]
+
+
+@pytest.mark.slow
+def test_command_line_heft_scores_the_full_chat_prompt(chat_saved, tmp_path):
+    """`python -m peft_heft.lm_eval --model heft --apply_chat_template ...`, batch size 8: every logged
+    log-likelihood equals the direct scoring on the full prompt (the template's trailing "\n" included)."""
+    root, _ = chat_saved
+    run = run_cli(
+        [sys.executable, "-m", "peft_heft.lm_eval", "--model", "heft", "--model_args", model_args(root)]
+        + ["--tasks", "heft_chat", "--include_path", str(root / "tasks"), "--batch_size", "8", "--device", "cpu"]
+        + ["--apply_chat_template", "--log_samples", "--output_path", str(tmp_path / "out")],
+        tmp_path,
+        autoload=False,  # the entry point imports peft_heft itself
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".json")]
-    assert written, os.listdir(tmp_path / "out")
-    accuracy = json.load(open(written[0]))["results"]["heft_yesno"]["acc,none"]
-    assert accuracy == pytest.approx(evaluate(root, "heft_yesno", batch_size=1)["results"]["heft_yesno"]["acc,none"])
-    refused = subprocess.run(
-        [sys.executable, "-m", "peft_heft.lm_eval", "--model", "hf", "--model_args", args, *common],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
+    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs]
+    samples_file = next(f for f in written if os.path.basename(f).startswith("samples_heft_chat"))
+    samples = sorted((json.loads(line) for line in open(samples_file)), key=lambda s: s["doc_id"])
+    pairs = [[(a["arg_0"], a["arg_1"]) for a in s["arguments"].values()] for s in samples]
+    assert all(context.endswith("<|assistant|>\n") for doc in pairs for context, _ in doc), pairs[0]
+    got = torch.tensor([[float(r[0][0]) for r in s["resps"]] for s in samples], dtype=torch.float64)
+    model, tokenizer = loaded(root, chat_tokenizer)
+    torch.testing.assert_close(got, full_prompt_scores(model, tokenizer, pairs), rtol=0, atol=1e-4)
+    accuracy = json.load(open(next(f for f in written if os.path.basename(f).startswith("results"))))
+    assert accuracy["results"]["heft_chat"]["acc,none"] == pytest.approx(
+        evaluate(root, "heft_chat", apply_chat_template=True)["results"]["heft_chat"]["acc,none"]
+    )
+
+
+@pytest.mark.slow
+def test_command_line_hf_model_on_a_heft_adapter_is_stopped(saved, tmp_path):
+    """lm_eval's own command with `--model hf --model_args ...,peft=HEFT_ADAPTER` (the usual way to evaluate a PEFT
+    adapter) exits with the error naming --model heft and writes no results; `python -m peft_heft.lm_eval --model hf`
+    refuses before loading anything."""
+    root, _ = saved
+    common = ["--tasks", "heft_yesno", "--include_path", str(root / "tasks"), "--device", "cpu"]
+    for batch_size in ("1", "8"):
+        plain = run_cli(
+            [*lm_eval_console_script(), "--model", "hf", "--model_args", model_args(root), *common]
+            + ["--batch_size", batch_size, "--output_path", str(tmp_path / f"out{batch_size}")],
+            tmp_path,
+        )
+        assert plain.returncode != 0, plain.stdout[-2000:]
+        assert "python -m peft_heft.lm_eval --model heft" in plain.stderr, plain.stderr[-3000:]
+        assert not (tmp_path / f"out{batch_size}").exists()
+    refused = run_cli(
+        [sys.executable, "-m", "peft_heft.lm_eval", "--model", "hf", "--model_args", model_args(root), *common],
+        tmp_path,
+        autoload=False,
     )
     assert refused.returncode != 0 and "run it with --model heft" in refused.stderr, refused.stderr[-2000:]

@@ -28,6 +28,19 @@ def test_save_pretrained_writes_a_heft_card_and_keeps_the_users_text(tmp_path):
     assert {"peft-heft", "heft", "lora", "reft"} <= set(card.data.tags) and card.data.library_name == "peft"
 
 
+def test_card_says_how_to_evaluate_and_what_goes_wrong_elsewhere(tmp_path):
+    """The snippet names lm_eval's `heft` model (with the base model filled in) and says plainly that lm_eval's `hf`
+    stops and that other scorers calling model(input_ids) on prompt + answer get no error."""
+    model = get_peft_model(tiny_llama(), heft_config())
+    model.peft_config["default"].base_model_name_or_path = "org/base-model"
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    command = f"python -m peft_heft.lm_eval --model heft --model_args pretrained=org/base-model,peft={tmp_path}"
+    assert command in text
+    assert "`--model hf` stops with an error" in text and "**with no error**" in text
+    assert "intervention_prompt_lengths=" in text
+
+
 def test_other_peft_methods_get_no_heft_section(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)

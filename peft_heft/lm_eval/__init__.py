@@ -1,12 +1,21 @@
-"""HEFT adapters in lm-evaluation-harness: the ``heft`` model, with the interventions on each request's context.
+"""HEFT adapters in lm-evaluation-harness: the ``heft`` model, with the interventions on each request's prompt.
 
-lm-evaluation-harness' own ``hf`` model scores a request by running context + continuation with no attention mask
-and nothing that says where the context ends, so a HEFT adapter's ``l<n>`` positions land on the continuation (and,
-in batches, on right padding). ``HeftLM`` (registered as ``heft``) is lm_eval's ``HFLM`` with one change: every
-forward it makes for ``loglikelihood`` and ``loglikelihood_rolling`` gets the rows' attention mask and their context
-lengths (``intervention_prompt_lengths``), so the interventions sit on the context, exactly where `generate()` puts
-them on a prompt; ``generate_until`` goes through HEFT's `generate()`, which does that already. Scores do not depend
-on the batch size.
+HEFT intervenes on prompt tokens: ``StagedSFTTrainer`` trains the interventions on the tokens of each example's
+prompt and `generate()` puts them on the tokens of the prompt it is given. lm-evaluation-harness' own ``hf`` model
+scores a request by running context + continuation with no attention mask and nothing that says where the context
+ends, so a HEFT adapter's ``l<n>`` positions would land on the continuation (and, in batches, on right padding).
+peft-heft stops that: a HEFT forward called from lm_eval's code without an attention mask, prompt lengths or
+locations raises an error that says to use ``--model heft`` (see :func:`peft_heft.prompt_tokens.refuse_lm_eval_call`).
+
+``HeftLM`` (registered as ``heft``) is lm_eval's ``HFLM`` with one change: every forward it makes for
+``loglikelihood`` and ``loglikelihood_rolling`` gets the rows' attention mask and their prompt lengths
+(``intervention_prompt_lengths``). The prompt of a request is its context string as lm_eval received it, **before**
+lm_eval moves the context's trailing whitespace (a chat template's ``"\\n"``, a trailing space) into the continuation:
+its tokens are counted the way ``StagedSFTTrainer`` counts a prompt's (the tokens the context alone shares with
+context + continuation), so the interventions sit where training and `generate()` (and lm_eval's own
+``generate_until``, which tokenizes the whole context) put them. lm_eval still scores the tokens it always scores
+(the moved whitespace included). ``generate_until`` goes through HEFT's `generate()`. Scores do not depend on the
+batch size.
 
 Run it like lm_eval's CLI (every lm_eval option works)::
 
@@ -18,6 +27,7 @@ or from Python: ``import peft_heft.lm_eval`` and ``lm_eval.simple_evaluate(model
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -50,12 +60,28 @@ def _row_signature(tokens: Sequence[int]) -> tuple[int, ...]:
     return tuple(tokens[:end])
 
 
+def _common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    """Leading tokens the two sequences share (TRL's and ``StagedSFTTrainer``'s prompt length of an example)."""
+    n = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 @register_model("heft")
 class HeftLM(HFLM):
-    """lm_eval's ``HFLM`` for a HEFT adapter: the interventions go on each request's context.
+    """lm_eval's ``HFLM`` for a HEFT adapter: the interventions go on each request's prompt.
 
     Takes every ``HFLM`` argument (``pretrained=BASE,peft=ADAPTER``, ``batch_size``, ``device``, ``dtype``, ...);
     ``pretrained`` may also be a HEFT ``PeftModel`` already loaded. Causal LMs only.
+
+    The prompt of a ``loglikelihood`` request is its context string as the task wrote it, trailing whitespace
+    included (lm_eval moves that whitespace into the continuation before tokenizing): the tokens that
+    ``tok_encode(context)`` shares with lm_eval's tokens of context + continuation, exactly as ``StagedSFTTrainer``
+    counts the prompt of a prompt/completion example. ``loglikelihood_rolling`` windows are token-level: their
+    context part is the prompt.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -68,31 +94,70 @@ class HeftLM(HFLM):
                 "by peft-heft), or a HEFT PeftModel as `pretrained`. For a model without one, use --model hf."
             )
         self._heft_rows: dict[tuple[int, ...], tuple[int, int]] | None = None
+        self._heft_prompt_ids: dict[str, list[int]] = {}
+        self._heft_warned_merge = False
+
+    def heft_prompt_length(self, request: Request) -> int:
+        """How many of the request's tokens (``context_enc + continuation_enc``) are its prompt.
+
+        ``request`` is what lm_eval hands to ``_loglikelihood_tokens``: ``((context, continuation), context_enc,
+        continuation_enc)`` for ``loglikelihood`` (the strings as the task wrote them, before lm_eval moved the
+        context's trailing whitespace into the continuation), ``(None, context_enc, continuation_enc)`` for a
+        ``loglikelihood_rolling`` window.
+        """
+        strings, context_enc, continuation_enc = request
+        if not isinstance(strings, tuple) or not strings or not isinstance(strings[0], str) or not strings[0]:
+            return len(context_enc)  # a rolling window, or an empty context (lm_eval's prefix token is the prompt)
+        context = strings[0]
+        prompt = self._heft_prompt_ids.get(context)
+        if prompt is None:
+            prompt = self._heft_prompt_ids[context] = list(self.tok_encode(context))  # as generate_until encodes it
+        whole = list(context_enc) + list(continuation_enc)
+        length = _common_prefix_length(prompt, whole)
+        if length < len(prompt) and not self._heft_warned_merge:
+            self._heft_warned_merge = True
+            warnings.warn(
+                f"The context {context[-40:]!r} (its last characters) does not tokenize as a prefix of context + "
+                f"continuation: its last {len(prompt) - length} token(s) merge with the continuation's first. The "
+                f"interventions go on the {length} tokens both share, as StagedSFTTrainer counts such a prompt in "
+                "training; generate() on the context alone would intervene on its own last token(s). Ending contexts "
+                "without trailing spaces (and starting the continuations with them) avoids the difference.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if length >= len(whole):
+            raise ValueError(
+                f"The continuation {strings[1]!r} after the context {context[-40:]!r} (its last characters) adds no "
+                "token of its own: lm_eval would score only the whitespace it moved from the end of the context, "
+                "which is part of the prompt HEFT intervenes on. Give the request a non-empty continuation."
+            )
+        return length
 
     # lm_eval's rows: inp = (context + continuation)[-(max_length + 1):][:-1], right-padded with 0s by pad_and_concat
-    def _row_of(self, context: list[int], continuation: list[int]) -> tuple[tuple[int, ...], int, int]:
-        whole = context + continuation
+    def _row_of(self, request: Request) -> tuple[tuple[int, ...], int, int]:
+        _, context, continuation = request
+        whole = list(context) + list(continuation)
         start = max(0, len(whole) - (self.max_length + 1))
         inp = whole[start:-1]
-        return _row_signature(inp), max(0, len(context) - start), len(inp)
+        return _row_signature(inp), max(0, self.heft_prompt_length(request) - start), len(inp)
 
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
-        """lm_eval's scoring, in passes where no two requests with different contexts share a row.
+        """lm_eval's scoring, in passes where no two requests with different prompts share a row.
 
-        Two requests whose rows are the same tokens (up to lm_eval's zero padding) but whose contexts end at
+        Two requests whose rows are the same tokens (up to lm_eval's zero padding) but whose prompts end at
         different places need different interventions; lm_eval would batch them (or reuse one's logits for the
         other) without telling them apart, so they go to separate passes. Real tasks almost always need one pass.
         """
         passes: list[list[int]] = []
-        seen: dict[tuple[int, ...], list[int]] = defaultdict(list)  # row -> context lengths, one per pass
-        for index, (_, context, continuation) in enumerate(requests):
-            signature, context_len, _ = self._row_of(context, continuation)
+        seen: dict[tuple[int, ...], list[int]] = defaultdict(list)  # row -> prompt lengths, one per pass
+        rows_of = [self._row_of(request) for request in requests]
+        for index, (signature, prompt_len, _) in enumerate(rows_of):
             lengths = seen[signature]
-            slot = lengths.index(context_len) if context_len in lengths else len(lengths)
+            slot = lengths.index(prompt_len) if prompt_len in lengths else len(lengths)
             if slot == len(lengths):
-                lengths.append(context_len)
+                lengths.append(prompt_len)
             while len(passes) <= slot:
                 passes.append([])
             passes[slot].append(index)
@@ -100,10 +165,10 @@ class HeftLM(HFLM):
         for indices in passes:
             subset = [requests[i] for i in indices]
             rows: dict[tuple[int, ...], tuple[int, int]] = {}
-            for _, context, continuation in subset:
-                signature, context_len, length = self._row_of(context, continuation)
+            for i in indices:
+                signature, prompt_len, length = rows_of[i]
                 known = rows.get(signature)
-                rows[signature] = (context_len, max(length, known[1]) if known else length)
+                rows[signature] = (prompt_len, max(length, known[1]) if known else length)
             self._heft_rows = rows
             try:
                 scores = super()._loglikelihood_tokens(subset, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -114,24 +179,36 @@ class HeftLM(HFLM):
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        """lm_eval's batch-size probe (``batch_size=auto``), run on rows of its own: the whole row is the prompt."""
+        rows, self._heft_rows = self._heft_rows, None
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            self._heft_rows = rows
+
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         rows = self._heft_rows
-        if rows is None:  # not a scoring call (e.g. lm_eval probing the batch size): the whole input is the prompt
-            return super()._model_call(inps, attn_mask, labels)
-        context_lens, lengths = [], []
-        for tokens in inps.tolist():
-            found = rows.get(_row_signature(tokens))
-            if found is None:
-                raise RuntimeError(
-                    "peft_heft.lm_eval got a row it did not prepare: this lm_eval release builds its log-likelihood "
-                    "batches differently from the one peft-heft supports. Please report it with your lm_eval version."
-                )
-            context_lens.append(found[0])
-            lengths.append(found[1])
-        positions = torch.arange(inps.shape[1], device=inps.device).unsqueeze(0)
-        mask = (positions < torch.tensor(lengths, device=inps.device).unsqueeze(1)).long()
+        if rows is None:
+            # not a scoring call (lm_eval probing the batch size with rows of its own): the whole row is the prompt
+            prompt_lens = [inps.shape[1]] * inps.shape[0]
+            mask = torch.ones_like(inps)
+        else:
+            prompt_lens, lengths = [], []
+            for tokens in inps.tolist():
+                found = rows.get(_row_signature(tokens))
+                if found is None:
+                    raise RuntimeError(
+                        "peft_heft.lm_eval got a row it did not prepare: this lm_eval release builds its log-likelihood "
+                        "batches differently from the one peft-heft supports. Please report it with your lm_eval "
+                        "version."
+                    )
+                prompt_lens.append(found[0])
+                lengths.append(found[1])
+            positions = torch.arange(inps.shape[1], device=inps.device).unsqueeze(0)
+            mask = (positions < torch.tensor(lengths, device=inps.device).unsqueeze(1)).long()
         with (
             torch.no_grad(),
             torch.autocast(
@@ -140,7 +217,7 @@ class HeftLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            kwargs = {PROMPT_LENGTHS_KWARG: torch.tensor(context_lens, device=inps.device)}
+            kwargs = {PROMPT_LENGTHS_KWARG: torch.tensor(prompt_lens, device=inps.device)}
             return self.model(input_ids=inps, attention_mask=mask, **kwargs).logits
 
 
