@@ -28,10 +28,16 @@ UNSET: Any = object()  # "this call set nothing", as opposed to "this call has n
 
 @dataclass
 class GenerationState:
-    """Prompt locations pinned by one ``generate()`` call, per position spec, and the last intervened position."""
+    """Prompt locations pinned by one ``generate()`` call, per position spec, and the last intervened position.
+
+    ``prompt_done`` becomes true once a forward of this call that wrote a KV cache has computed the last intervened
+    position: the later forwards of the call (decoding steps) are past the prompt and skip all HEFT work without
+    reading the cache (whose length can be a device tensor: reading it would be a host sync per step).
+    """
 
     pinned: dict[tuple, torch.Tensor]
     last_position: int
+    prompt_done: bool = False
 
 
 _NOTHING: Mapping[int, Any] = MappingProxyType({})  # read-only: every update makes a new dict (copy on write)

@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from torch import nn
 from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 from . import call_state
 from .call_state import UNSET, GenerationState
@@ -21,7 +22,7 @@ from .hooks import ForwardPlan, intervene, locate
 from .interventions import build_intervention
 from .layers import find_decoder_layers, model_dimensions, resolve_layers
 from .positions import compute_locations, normalize_locations
-from .prompt_tokens import PROMPT_LENGTHS_KWARG, PromptHint, warn_once
+from .prompt_tokens import PROMPT_LENGTHS_KWARG, PromptHint, refuse_lm_eval_call, warn_once
 from .quantized_base import keep_4bit_weights_trainable
 
 INTERVENTIONS_ATTR = "heft_interventions"
@@ -46,20 +47,41 @@ def _intervention_key(layer: int, group: int, num_groups: int) -> str:
     return f"layer{layer}_{('first', 'last')[group]}"
 
 
-def _cache_length(args: tuple, kwargs: dict) -> int:
-    """Tokens already in the KV cache of this forward: ``get_seq_length()`` of the ``transformers.Cache`` among its
-    inputs, whatever keyword carries it (``past_key_values``, ``cache`` in transformers >= 5.24, ...); 0 without one.
+def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
+    """The ``transformers.Cache`` among a forward's inputs, whatever keyword carries it (``past_key_values``, ``cache``
+    in transformers >= 5.24, ...); ``None`` without one."""
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
 
-    For transformers' dynamic caches this is a shape read (no host sync), and it is what the model itself computes
-    its positions from.
+
+def _cache_length(cache: Cache | None) -> int | None:
+    """Tokens already in ``cache`` (0 without one), asked the public way (``get_seq_length(layer_idx)``) at its first
+    attention layer; ``None`` when the cache cannot say.
+
+    ``get_seq_length()`` asks layer 0. On hybrid models (Qwen3-Next: linear-attention layers, then full attention)
+    layer 0 is a linear-attention layer: transformers 5.24 redirected the question to the first attention layer,
+    5.25 answers with the linear layer's own count, a 0-dim tensor. An attention layer (``CacheLayerMixin``) of a
+    dynamic cache answers with its keys' shape, a Python int (no host sync); a static layer's answer is a tensor,
+    converted here (a host sync), as is the count of a cache with no attention layer at all (Mamba), which only
+    transformers >= 5.25 keeps (``None`` before). This runs once per planned forward: ``generate()``'s decoding steps
+    do not get here (``GenerationState.prompt_done``), so they never read the cache.
     """
-    for value in kwargs.values():
-        if isinstance(value, Cache):
-            return int(value.get_seq_length())
-    for value in args:
-        if isinstance(value, Cache):
-            return int(value.get_seq_length())
-    return 0
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return int(cache.get_seq_length())  # not a list of layers (EncoderDecoderCache...): the cache's own answer
+    index = next((i for i, layer in enumerate(layers) if isinstance(layer, CacheLayerMixin)), None)
+    if index is not None:
+        return int(cache.get_seq_length(index))
+    try:
+        if not layers or not cache.has_previous_state():
+            return 0  # no layers yet, or linear-attention / state-space layers that hold no state yet
+        return int(cache.get_seq_length(0))  # such layers only: their own count (transformers >= 5.25)
+    except (ValueError, AttributeError):
+        return None  # they keep no count (transformers 5.24), or the layers are of a kind not known here
 
 
 class HeftModel(LoraModel):
@@ -342,12 +364,26 @@ class HeftModel(LoraModel):
                 f"The HEFT model got an input of shape {tuple(shaped.shape)}: {'no rows' if batch == 0 else 'no tokens'}"
                 ". Pass at least one row with at least one token (check the tokenizer output or the data collator)."
             )
-        offset = _cache_length(args, kwargs)
         generation = call_state.generation_state(owner)
-        if generation is not None and offset > generation.last_position:
+        if generation is not None and generation.prompt_done:
             call_state.set_plan(owner, None)  # a decoding step past the prompt: nothing to intervene on, no work
             return args, kwargs
         mask = kwargs.get("attention_mask")
+        cache = _find_cache(args, kwargs)
+        offset = _cache_length(cache)
+        if offset is None:
+            raise ValueError(
+                f"HEFT cannot tell how many tokens the {type(cache).__name__} passed to this forward already holds: it "
+                "has no attention layer, and its linear-attention or state-space layers keep no token count in "
+                "this transformers release (transformers >= 5.25 counts them), so the interventions cannot be "
+                "placed in a forward that continues from it. generate() works (its prompt is computed from an empty "
+                "cache); outside generate(), pass the whole sequence in one forward, or upgrade transformers."
+            )
+        if generation is not None and cache is not None and offset + seq_len > generation.last_position:
+            generation.prompt_done = True  # this cached forward computes the last intervened position
+        if generation is not None and offset > generation.last_position:
+            call_state.set_plan(owner, None)  # a decoding step past the prompt: nothing to intervene on, no work
+            return args, kwargs
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if tuple(mask.shape) != (batch, offset + seq_len):
                 raise ValueError(
@@ -364,7 +400,9 @@ class HeftModel(LoraModel):
             if isinstance(explicit, PromptHint):
                 mask = explicit.prompt_mask(mask, batch, offset + seq_len, offset)  # the prompt's tokens only
                 explicit = None
-            elif explicit is None and mask is None and batch > 1:
+            elif explicit is None:
+                refuse_lm_eval_call()  # lm_eval's `hf` model: context + continuation, no prompt boundary
+            if explicit is None and mask is None and batch > 1:
                 warn_once(
                     "batch-without-mask",
                     f"A HEFT model got {batch} rows without an attention_mask: every token counts as real, so "
@@ -639,6 +677,16 @@ class HeftModel(LoraModel):
         ``attention_mask``, the mask is inferred from ``pad_token_id`` exactly as transformers infers it, and passed
         on, so padding is never intervened on.
         """
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        try:
+            return self._generate(*args, **kwargs)
+        except IndexError as error:  # only on failure: the common path pays nothing for the clearer message
+            explained = _out_of_vocabulary(self.model, ids)
+            if explained is None:
+                raise
+            raise explained from error
+
+    def _generate(self, *args, **kwargs):
         explicit = kwargs.pop("intervention_locations", None)
         lengths = kwargs.pop(PROMPT_LENGTHS_KWARG, None)
         if explicit is not None and lengths is not None:
@@ -670,6 +718,16 @@ class HeftModel(LoraModel):
             return self.model.generate(*args, **kwargs)
         finally:
             call_state.end_generation(token)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        try:
+            return super().forward(*args, **kwargs)
+        except IndexError as error:  # only on failure: the common path pays nothing for the clearer message
+            ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            explained = _out_of_vocabulary(self.model, ids)
+            if explained is None:
+                raise
+            raise explained from error
 
     def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The mask transformers' ``generate()`` infers without one: pad tokens are padding unless pad == eos."""
@@ -749,7 +807,10 @@ class HeftModel(LoraModel):
         if missing or unexpected:
             parts = []
             if missing:
-                parts.append(f"missing {len(missing)} weight(s), e.g. {missing[:3]}")
+                # named as adapter_model.safetensors names them (no adapter name), every one of them up to 20
+                names = [cls._remove_adapter_name_from_key(k, adapter_name) for k in missing]
+                more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+                parts.append(f"missing {len(missing)} weight(s) from the file: {', '.join(names[:20])}{more}")
             if unexpected:
                 parts.append(f"{len(unexpected)} unexpected LoRA or intervention weight(s), e.g. {unexpected[:3]}")
             raise ValueError(
@@ -794,6 +855,24 @@ class _RowSubset(nn.Module):
             )
         selected = torch.tensor(self.rows, device=base.device).view(-1, *([1] * (base.dim() - 1)))
         return torch.where(selected, self.intervention(base), base)
+
+
+def _out_of_vocabulary(model: nn.Module, input_ids: torch.Tensor | None) -> ValueError | None:
+    """A clear error when ``input_ids`` hold ids the input embeddings do not have (torch only says ``IndexError:
+    index out of range in self``); None when that is not why the forward failed."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None or not isinstance(input_ids, torch.Tensor) or input_ids.numel() == 0:
+        return None
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if 0 <= low and high < size:
+        return None
+    return ValueError(
+        f"input_ids hold token ids outside the model's vocabulary: ids from {low} to {high}, but the input embeddings "
+        f"have {size} rows (ids 0 to {size - 1}). Tokenize with the base model's own tokenizer; after adding tokens "
+        "to a tokenizer, call base_model.resize_token_embeddings(len(tokenizer)) before get_peft_model; and never "
+        "feed labels (-100) as input_ids."
+    )
 
 
 def _refuse_data_parallel_replica(module: nn.Module) -> None:

@@ -471,3 +471,17 @@ def test_print_trainable_parameters_counts_stage(capsys):
 
 def test_vocab_fixture_is_sane():
     assert VOCAB > 10
+
+
+def test_token_ids_outside_the_vocabulary_are_named_in_forward_and_generate():
+    model = get_peft_model(tiny_llama(), heft_config()).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    for ids in (torch.tensor([[1, vocab + 5, 3]]), torch.tensor([[1, -100, 3]])):
+        for generate in (False, True):
+            with pytest.raises(ValueError) as error:
+                model.generate(input_ids=ids, max_new_tokens=2) if generate else model(input_ids=ids)
+            message = str(error.value)
+            assert f"have {vocab} rows (ids 0 to {vocab - 1})" in message and "resize_token_embeddings" in message
+            assert f"ids from {int(ids.min())} to {int(ids.max())}" in message
+    with torch.no_grad():  # ids in range are untouched by the check
+        assert model(input_ids=torch.tensor([[1, vocab - 1, 3]])).logits.shape == (1, 3, vocab)
