@@ -36,7 +36,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_sft_model(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+def tiny_sft_model(
+    seed: int = 0, layers: int = 2, hidden: int = 32, vocab_size: int | None = None
+) -> LlamaForCausalLM:
+    """A tiny Llama for the tiny tokenizer (or ``vocab_size`` tokens)."""
     import torch
 
     torch.manual_seed(seed)
@@ -46,7 +49,7 @@ def tiny_sft_model(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaFor
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(SPECIALS) + len(WORDS),
+        vocab_size=vocab_size or len(SPECIALS) + len(WORDS),
         max_position_embeddings=128,
         pad_token_id=0,
         bos_token_id=1,

@@ -22,7 +22,7 @@ from conftest import randomize_interventions
 from peft import PeftModel, get_peft_model
 from sft_fixtures import SPECIALS, WORDS, tiny_sft_model, tiny_tokenizer, yes_no_rows
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_heft import HeftConfig, compute_locations
 from peft_heft.evaluation import evaluate_choice_accuracy
@@ -146,22 +146,7 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def chat_model(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_sft_model(seed=1, vocab_size=vocab_size)
 
 
 def heft_adapter(base):
