@@ -47,7 +47,17 @@ _BIGBENCH_ROWS = {"strategyqa": 2289, "fever": 6525}
 
 
 class TaskNotAvailableError(FileNotFoundError):
-    """A task's data is not on this machine; the message says how to get it."""
+    """A task's data is not on this machine (an optional BIG-bench task not prepared yet); the message says how to
+    get it. A `FileNotFoundError`, so code that caught a missing file before keeps working.
+
+    Example:
+    ```python
+    >>> try:
+    ...     load_task_dataset("fever")
+    ... except TaskNotAvailableError as error:
+    ...     print(error)  # where the file goes and `python -m peft_heft.assets --bigbench PATH`
+    ```
+    """
 
 
 @dataclass(frozen=True)
