@@ -10,6 +10,7 @@ Forking keeps a round at milliseconds instead of a new interpreter's seconds; th
 import json
 import os
 import random
+import select
 import signal
 import sys
 import time
@@ -83,8 +84,15 @@ for index in range(rounds):
         finally:
             os._exit(1)
     os.close(write_end)
-    # the first round lets a few saves finish; later ones kill within the first few saves, anywhere inside one
-    time.sleep(4 * save_seconds if last_complete is None else rng.uniform(0.0, 3 * save_seconds))
+    if last_complete is None:
+        # the first round waits for a finished save (a fixed delay left every round unchecked on a loaded CI box),
+        # then lets a few more finish
+        ready, _, _ = select.select([read_end], [], [], 300)
+        if not ready:
+            raise SystemExit("no save finished within 300 s")
+        time.sleep(3 * save_seconds)
+    else:  # later rounds kill within the first few saves, anywhere inside one
+        time.sleep(rng.uniform(0.0, 3 * save_seconds))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     with os.fdopen(read_end) as pipe:
