@@ -15,7 +15,6 @@ raises an error that says to ``import peft_heft`` (instead of PEFT's bare ``KeyE
 Editable installs do not get the ``.pth`` (``make venv`` copies it): import ``peft_heft``.
 """
 
-import importlib.abc
 import os
 import sys
 
@@ -84,8 +83,13 @@ def _after_peft_import() -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING.setdefault("HEFT", HeftNotRegistered)
 
 
-class _RegisterHeftAfterPeft(importlib.abc.MetaPathFinder):
-    """Wraps peft's loader so that peft_heft is imported right after peft's own module ran; removes itself then."""
+class _RegisterHeftAfterPeft:
+    """Wraps peft's loader so that peft_heft is imported right after peft's own module ran; removes itself then.
+
+    A plain class with ``find_spec`` (all the import system asks of a meta path finder): subclassing
+    ``importlib.abc.MetaPathFinder`` imported importlib.resources, tempfile and typing at every interpreter start
+    (~16 ms of a ~25 ms ``python -c pass``).
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "peft":

@@ -56,7 +56,8 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import peft_heft
-    from peft_heft.positions import PositionSpec, compute_locations
+    from peft_heft.tuner.placement import find_backbone
+    from peft_heft.tuner.positions import PositionSpec, compute_locations
 
     try:
         import pyreft
@@ -431,9 +432,10 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 def hook_micro(bench: Bench, repeats: int) -> dict:
     """Time HEFT's hook path alone on the benchmark's shapes: the per-forward plan and the per-layer hooks."""
     tuner = bench.models["heft_reft"].base_model
+    hooks = tuner._hooks  # the tuner's LayerHooks (peft_heft.tuner.layer)
     shape = bench.shape
     b, t, d = shape["batch"], shape["seq"], shape["hidden"]
-    layers = sorted(tuner._routes)
+    layers = sorted(hooks.routes)
 
     def med(fn, n):
         for _ in range(3):
@@ -445,10 +447,12 @@ def hook_micro(bench: Bench, repeats: int) -> dict:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    backbone = tuner._backbone()  # found once, as the hook is registered once: the lookup is not per-forward work
+    backbone = find_backbone(
+        tuner.model
+    )  # found once, as the hook is registered once: the lookup is not per-forward work
 
     def plan():
-        tuner._plan_forward_hook(backbone, (), {"input_ids": bench.ids, "attention_mask": bench.mask})
+        hooks.plan_forward_hook(backbone, (), {"input_ids": bench.ids, "attention_mask": bench.mask})
 
     plan_s = med(plan, repeats)
     plan()  # leaves the plan in place for the layer hooks
@@ -456,7 +460,7 @@ def hook_micro(bench: Bench, repeats: int) -> dict:
 
     def chain(x):
         for layer in layers:
-            x = tuner._layer_output_hook(layer, None, (), x)
+            x = hooks.layer_output_hook(layer, None, (), x)
         return x
 
     with torch.no_grad():
@@ -497,7 +501,7 @@ def hook_micro(bench: Bench, repeats: int) -> dict:
     profiled_total = sum(e.self_cpu_time_total for e in averages) / 1e3 / n_prof
     rotation_s = med(lambda: module.rotate_layer.weight.sum().backward(), repeats)
     zero_grads(bench.trainable("heft_reft"))
-    tuner._plan_forward_hook(backbone, (), {})  # no input ids: clears this context's plan
+    hooks.plan_forward_hook(backbone, (), {})  # no input ids: clears this context's plan
     n_mods = len(tuner.heft_interventions["default"])
     return {
         "repeats": repeats,

@@ -21,7 +21,7 @@ Methods (one epoch = `train_size / batch_size` optimizer steps; 1,000 rows at ba
 | lora | LoRA | `--long_epochs` (2) | LoRA-only, 20 epochs |
 | reft | ReFT (LoReFT) | `--long_epochs` (2) | ReFT-only, 20 epochs |
 | heft | LoRA, then ReFT on the merged LoRA model | `--short_epochs` (1) + (1) | HEFT, 3 + 3 epochs |
-| heft_searched | LoRA once, then `search_fine_stage` (`--trials` trials, MedianPruner on validation loss), best kept | (1) + (1) per trial | - |
+| heft_searched | LoRA once, then `run_fine_stage_search` (`--trials` trials, MedianPruner on validation loss), best kept | (1) + (1) per trial | - |
 
 Every method's held-out accuracy is measured every `--eval_every` optimizer steps and at the end of each stage, and
 plotted against its training time so far (evaluation time excluded; for HEFT-searched the whole search counts:
@@ -252,8 +252,11 @@ def run_one(args, task: str, method: str, seed: int, data, work: Path) -> dict:
     if searched:
         import optuna
 
+        from peft_heft import run_fine_stage_search
+
         clock.start()
-        study = trainer.search_fine_stage(
+        study = run_fine_stage_search(
+            trainer,
             args.trials,
             search_space(),
             metric="eval_loss",

@@ -1,4 +1,4 @@
-"""Search HEFT's fine (ReFT) stage with Optuna from one coarse (LoRA) stage: `StagedSFTTrainer.search_fine_stage`.
+"""Search HEFT's fine (ReFT) stage with Optuna from one coarse (LoRA) stage: `run_fine_stage_search`.
 
 What it shows, offline (nothing is downloaded):
 
@@ -30,7 +30,13 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, set_seed
 sys.path.insert(0, str(Path(__file__).parent))
 from plain_pytorch import make_example, make_tokenizer, tiny_llama_config  # noqa: E402  (the task and tokenizer of plain_pytorch.py)
 
-from peft_heft import FineStageSearchSpace, HeftConfig, HeftSFTConfig, StagedSFTTrainer  # noqa: E402
+from peft_heft import (  # noqa: E402
+    FineStageSearchSpace,
+    HeftConfig,
+    HeftSFTConfig,
+    StagedSFTTrainer,
+    run_fine_stage_search,
+)
 
 
 def main(argv=None) -> dict:
@@ -89,8 +95,8 @@ def main(argv=None) -> dict:
         epochs=[1] if cli.fast else [1, 2, 3],
     )
     storage = f"sqlite:///{Path(cli.output_dir).resolve() / 'search.db'}"
-    study = trainer.search_fine_stage(
-        trials, space, storage=storage, pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
+    study = run_fine_stage_search(
+        trainer, trials, space, storage=storage, pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
     )
     for trial in study.trials:
         value = f"{trial.value:.4f}" if trial.value is not None else "-"

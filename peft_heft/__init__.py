@@ -4,22 +4,23 @@
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` handle HEFT adapters.
 """
 
-from .config import HeftConfig
-from .interventions import (
+from .registration import register_heft
+from .tuner.config import HeftConfig
+from .tuner.interventions import (
     DireftIntervention,
     LoreftIntervention,
     NoreftIntervention,
     register_intervention_type,
 )
-from .model import HeftModel
-from .positions import PositionSpec, compute_locations
-from .registration import register_heft
+from .tuner.model import HeftModel
+from .tuner.positions import PositionSpec, compute_locations
 
 register_heft()
 
 __version__ = "0.1.0.dev0"
 
-# The trainer pulls in TRL; import it on first use so `import peft` (which autoloads peft_heft) stays light.
+# The trainer pulls in TRL; import it on first use so `import peft` (which autoloads peft_heft) stays light. This is
+# the one list of the trainer's public names: `peft_heft.trainer.__all__` is this tuple.
 _TRAINER_EXPORTS = (
     "DataCollatorForHeft",
     "FineStageSearchSpace",
@@ -28,7 +29,9 @@ _TRAINER_EXPORTS = (
     "HeftDPOConfig",
     "HeftDPOTrainer",
     "HeftSFTConfig",
+    "StageProgressCallback",
     "StagedSFTTrainer",
+    "run_fine_stage_search",
 )
 
 

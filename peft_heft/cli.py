@@ -29,8 +29,8 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .assets.model import EMBEDDED_MODEL, EMBEDDED_PREFIX, resolve_model_name_or_path
-from .config import HeftConfig
 from .trainer.config import HeftSFTConfig
+from .tuner.config import HeftConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ class HeftScriptArguments(ScriptArguments):
 
 
 _INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would read "1_3" as 13, and other scripts' digits
+
+
+# the dataclasses heft-sft parses, in TrlParser's order (its parse results come back in this order)
+_ARGUMENT_CLASSES = (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments)
 
 
 def parse_layers(value: Any) -> list[int] | int | str:
@@ -256,9 +260,9 @@ def _show_info_logs() -> None:
 
 def build_parser() -> TrlParser:
     """The ``heft-sft`` parser: TRL's script, SFT and model arguments plus HeftConfig's intervention options."""
-    return TrlParser(
+    parser = TrlParser(
         # transformers annotates these as DataClassType, a NewType no plain dataclass matches
-        (HeftScriptArguments, HeftSFTConfig, ModelConfig, HeftInterventionArguments),  # type: ignore[arg-type]
+        _ARGUMENT_CLASSES,  # type: ignore[arg-type]
         prog="heft-sft",
         description=(
             "Train a HEFT adapter (LoRA stage, then ReFT stage) with StagedSFTTrainer. Every option below can also be "
@@ -271,6 +275,25 @@ def build_parser() -> TrlParser:
             "bf16 is used where the hardware supports it."
         ),
     )
+    return parser
+
+
+def _option_dests(classes) -> dict[str, str]:
+    """``{option string: destination}`` of the parser's dataclass options, spelled the way transformers'
+    ``HfArgumentParser`` adds them: ``--name``, ``--name-with-dashes``, metadata aliases, and ``--no_<name>`` for a
+    bool defaulting to True (kept here rather than read from argparse's private ``_actions``)."""
+    dests = {"--config": "config"}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            options = [f"--{f.name}", f"--{f.name.replace('_', '-')}"]
+            aliases = f.metadata.get("aliases", [])
+            options += [aliases] if isinstance(aliases, str) else list(aliases)
+            if f.default is True:
+                options += [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
+            dests.update(dict.fromkeys(options, f.name))
+    return dests
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
@@ -293,7 +316,7 @@ _PRECISION_OPTIONS = ("bf16", "fp16", "use_cpu")
 def _options_given(parser: TrlParser, args: list[str]) -> set[str]:
     """The destinations ``args`` sets, matched the way argparse matches them (``--use-cpu``, ``--bf16=...``, unique
     prefixes), plus the keys of the ``--config`` YAML file."""
-    strings = {option: action.dest for action in parser._actions for option in action.option_strings}
+    strings = _option_dests(_ARGUMENT_CLASSES)  # the classes build_parser() builds the parser from
     given = set()
     for arg in args:
         if arg == "--":
@@ -350,6 +373,7 @@ def _default_precision(parser: TrlParser, args: list[str]) -> bool | None:
 def run(script_args, training_args, model_args, heft_args) -> dict:
     from .evaluation import evaluate_generation_accuracy
     from .trainer.callbacks import GenerationAccuracyCallback
+    from .trainer.search import run_fine_stage_search
     from .trainer.staged_sft import StagedSFTTrainer
 
     if not model_args.model_name_or_path:
@@ -420,7 +444,8 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
     results: dict[str, Any] = {}
     if script_args.search:
         started = time.time()
-        study = trainer.search_fine_stage(
+        study = run_fine_stage_search(
+            trainer,
             script_args.search,
             metric=metric,
             storage=script_args.search_storage,
@@ -435,7 +460,7 @@ def run(script_args, training_args, model_args, heft_args) -> dict:
             "best_params": study.best_trial.params if done else None,
         }
         results["search"]["study_json"] = os.path.join(training_args.output_dir, "search", "study.json")
-        results["train"] = trainer._combined_output(["lora", "reft"], time.time() - started).metrics
+        results["train"] = trainer.combined_output(["lora", "reft"], time.time() - started).metrics
     else:
         output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         results["train"] = output.metrics

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .model import _find_heft_tuner
 from .prompt_tokens import PROMPT_LENGTHS_KWARG
+from .tuner.model import _find_heft_tuner
 
 
 def extract_answer(text: str, choices: Sequence[str] | None = None, trigger: str | None = None) -> str:

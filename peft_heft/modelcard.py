@@ -1,11 +1,13 @@
 """Model cards (README.md) for HEFT adapters: what a user of the Hub needs to load and judge one.
 
-Two writers use :func:`update_model_card`:
+:func:`update_model_card` writes the HEFT section (settings of both stages, the loading and evaluation snippets,
+which need ``import peft_heft``). Its writers are HEFT's own:
 
-* ``PeftModel.save_pretrained`` / ``push_to_hub`` of a HEFT model: PEFT writes its own card, then peft-heft adds a
-  HEFT section (settings of both stages and the loading snippet, which needs ``import peft_heft``);
-* ``StagedSFTTrainer.create_model_card`` (called by ``trainer.push_to_hub``): the same, plus the training schedule of
-  each stage, the data set and the metrics.
+* ``StagedSFTTrainer`` / ``HeftDPOTrainer``: every ``save_model`` and ``create_model_card`` (which
+  ``trainer.push_to_hub`` calls) add it, with the training schedule of each stage, the data set and the metrics;
+* a user who saves with ``model.save_pretrained`` / ``model.push_to_hub`` gets PEFT's and transformers' card, as for
+  any PEFT method (peft-heft changes nothing in PEFT), and calls :func:`update_model_card` on the folder to add the
+  HEFT section.
 
 The HEFT section sits between two HTML comments and is replaced on each save, so anything else a user wrote in the
 card is kept as it is.
@@ -18,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import HeftConfig
+from .tuner.config import HeftConfig
 
 SECTION_BEGIN = "<!-- peft-heft: begin (this section is rewritten on save) -->"
 SECTION_END = "<!-- peft-heft: end -->"

@@ -87,3 +87,75 @@ def settings_of(config: Any, fields: tuple[str, ...] = SAVED_SETTINGS) -> dict[s
             value = value.strip().lower().replace(" ", "")
         settings[name] = value
     return json.loads(json.dumps(settings, default=str))
+
+
+# ------------------------------------------------------------------------------- the record a saved config carries
+RECORD_FIELD = "saved_settings"  # HeftConfig's field; the same name in adapter_config.json
+
+
+def differing_settings(config: Any, recorded: dict[str, Any]) -> list[str]:
+    """The fields of ``recorded`` (a save's record) that ``config`` no longer matches."""
+    current = settings_of(config)
+    return [name for name in SAVED_SETTINGS if name in recorded and recorded[name] != current.get(name)]
+
+
+class SettingsMismatchError(ValueError):
+    """A saved adapter's config no longer matches the settings its weights were saved with.
+
+    Loading it would succeed and silently change the outputs (positions and intervention types are visible in no
+    tensor's shape), so it is refused. ``where`` names the config file when the loader knows it.
+    """
+
+    def __init__(self, config: Any, recorded: dict[str, Any], where: str = "adapter_config.json") -> None:
+        self.config, self.recorded = config, recorded
+        current = settings_of(config)
+        details = "; ".join(
+            f"{name}: adapter_config.json has {current.get(name)!r}, the weights were saved with {recorded[name]!r}"
+            for name in differing_settings(config, recorded)
+        )
+        super().__init__(
+            f"{where} does not match the weights saved with it ({details}). The config was edited after the adapter "
+            "was saved, and loading it would silently change the outputs. Restore the config to the weights' "
+            f"settings (shown above; save_pretrained records them under '{RECORD_FIELD}' in adapter_config.json), or "
+            "train and save an adapter with the new settings."
+        )
+
+    def at(self, where: str) -> SettingsMismatchError:
+        """The same error, naming the config file the loader read."""
+        return SettingsMismatchError(self.config, self.recorded, where)
+
+
+def check_recorded_settings(config: Any, recorded: dict[str, Any] | None, where: str = "adapter_config.json") -> None:
+    """Raise :class:`SettingsMismatchError` when ``config`` differs from the ``recorded`` settings of its save."""
+    if recorded is not None and differing_settings(config, recorded):
+        raise SettingsMismatchError(config, recorded, where)
+
+
+# ----------------------------------------- adapters saved by earlier development builds: the record in the weights
+LEGACY_METADATA_KEY = "heft_settings"  # where older releases recorded the settings: the safetensors metadata
+
+
+def legacy_recorded_settings(weights_path: str) -> dict[str, Any] | None:
+    """The settings an older release recorded in ``weights_path``'s safetensors metadata, or ``None``."""
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as handle:
+        text = (handle.metadata() or {}).get(LEGACY_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{weights_path} has unreadable HEFT settings in its metadata ({error}); save the adapter again."
+        ) from error
+
+
+def check_legacy_settings(folder: str, config: Any) -> None:
+    """Refuse ``config`` (read from ``folder``) when it differs from the settings an older release recorded in the
+    weights' metadata. Adapters saved since record them in adapter_config.json, checked when the config is built."""
+    import os
+
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(weights):
+        check_recorded_settings(config, legacy_recorded_settings(weights), os.path.join(folder, "adapter_config.json"))

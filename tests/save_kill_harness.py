@@ -21,7 +21,9 @@ from sft_fixtures import cpu_sft_args, make_dataset, tiny_sft_model, tiny_tokeni
 
 from peft_heft import HeftConfig, StagedSFTTrainer
 
-STAGING_PREFIX = ".heft-save-"  # peft_heft.saving.STAGING_PREFIX, spelled out so the harness also runs on old code
+STAGING_PREFIX = (
+    ".heft-save-"  # peft_heft.persistence.STAGING_PREFIX, spelled out so the harness also runs on old code
+)
 
 output_dir, rounds, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from peft_heft import HeftConfig, HeftSFTConfig
-from peft_heft.config import MAX_INTERVENTION_POSITIONS
+from peft_heft.tuner.config import MAX_INTERVENTION_POSITIONS
 
 
 def heft(**kwargs) -> HeftConfig:
@@ -187,7 +187,7 @@ def test_add_bias_is_kept_where_it_shapes_the_intervention():
     import torch
 
     from peft_heft import register_intervention_type
-    from peft_heft.interventions import INTERVENTION_TYPES, NoreftIntervention, build_intervention
+    from peft_heft.tuner.interventions import INTERVENTION_TYPES, NoreftIntervention, build_intervention
 
     assert heft(intervention_type="noreft", intervention_add_bias=True).intervention_add_bias is True
     noreft = build_intervention(

@@ -15,7 +15,7 @@ from conftest import heft_config, left_padded_batch, randomize_interventions, ti
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from peft_heft.hooks import Located
+from peft_heft.tuner.layer import Located
 
 OFFLOADED = {
     "model.embed_tokens": "cpu",
@@ -150,14 +150,14 @@ def test_layers_split_over_two_gpus_match_the_single_device_model(tmp_path, save
 def test_execution_device_of_an_offloaded_layer_comes_from_accelerate_hooks():
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from peft_heft.model import _execution_device
+    from peft_heft.tuner.placement import execution_device
 
     model = tiny_llama()
-    assert _execution_device(model, model.model.layers[2], "lora_") == torch.device("cpu")  # its weights' device
+    assert execution_device(model, model.model.layers[2], "lora_") == torch.device("cpu")  # its weights' device
     model = tiny_llama().to("meta")
     layer = model.model.layers[2]
-    assert _execution_device(model, layer, "lora_") is None  # nothing known: torch's default device
+    assert execution_device(model, layer, "lora_") is None  # nothing known: torch's default device
     add_hook_to_module(model.model, AlignDevicesHook(execution_device="cpu"))  # an ancestor's hook
-    assert _execution_device(model, layer, "lora_") == torch.device("cpu")
+    assert execution_device(model, layer, "lora_") == torch.device("cpu")
     add_hook_to_module(layer.mlp.up_proj, AlignDevicesHook(execution_device="meta"))  # "meta" says nothing
-    assert _execution_device(model, layer, "lora_") == torch.device("cpu")
+    assert execution_device(model, layer, "lora_") == torch.device("cpu")

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from sft_fixtures import sft_heft_config, tiny_sft_model, tiny_tokenizer, yes_no_rows
 from test_examples import run_example, skip_without_embedded_assets
 
-import peft_heft.model as heft_model_module
+import peft_heft.tuner.positions as heft_positions_module
 from peft_heft import HeftDPOConfig, HeftDPOTrainer, PositionSpec, compute_locations
 
 SPEC = PositionSpec.parse("f2+l2")
@@ -89,14 +89,14 @@ class LocationSpy:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = heft_model_module.compute_locations
+        original = heft_positions_module.compute_locations
 
         def spy(spec, mask, batch, total_len, share, device):
             locations = original(spec, mask, batch, total_len, share, device)
             self.calls.append((mask.clone(), locations.clone()))
             return locations
 
-        monkeypatch.setattr(heft_model_module, "compute_locations", spy)
+        monkeypatch.setattr(heft_positions_module, "compute_locations", spy)
 
 
 class RecordingCollator:

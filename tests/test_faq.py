@@ -123,7 +123,7 @@ def trigger(key: str, tmp_path: Path, monkeypatch) -> BaseException:
         model = PeftModel.from_pretrained(tiny_llama(), saved_adapter(tmp_path / "adapter"))
         return raised_by(lambda: model.base_model.set_stage("reft"))
     if key.startswith("ValueError: Cannot save adapter 'default'"):
-        monkeypatch.setitem(peft_heft.interventions.INTERVENTION_TYPES, "state_dict_override", StateDictOverride)
+        monkeypatch.setitem(peft_heft.tuner.interventions.INTERVENTION_TYPES, "state_dict_override", StateDictOverride)
         model = get_peft_model(tiny_llama(), heft_config(intervention_type="state_dict_override"))
         return raised_by(lambda: model.save_pretrained(tmp_path / "adapter"))
     if key.startswith("ModuleNotFoundError: The embedded Hugging"):
@@ -160,10 +160,10 @@ def trigger(key: str, tmp_path: Path, monkeypatch) -> BaseException:
         model.add_adapter("other", heft_config())
         return raised_by(lambda: model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix"))
     if key.startswith("RuntimeError: HEFT models cannot run unde"):
-        from peft_heft.model import _refuse_data_parallel_replica
+        from peft_heft.tuner.layer import refuse_data_parallel_replica
 
         model = get_peft_model(tiny_llama(), heft_config())
-        return raised_by(lambda: _refuse_data_parallel_replica(model.base_model._replicate_for_data_parallel()))
+        return raised_by(lambda: refuse_data_parallel_replica(model.base_model._replicate_for_data_parallel()))
     if key.startswith("ValueError: StagedSFTTrainer sees 2 GPUs "):
         monkeypatch.setattr(HeftSFTConfig, "n_gpu", property(lambda self: 2))
         return raised_by(lambda: _trainer(tmp_path))

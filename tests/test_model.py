@@ -17,7 +17,7 @@ from conftest import (
 from peft import LoraConfig, get_peft_model
 
 from peft_heft import HeftModel
-from peft_heft.interventions import LoreftIntervention
+from peft_heft.tuner.interventions import LoreftIntervention
 
 
 def make(base=None, **overrides):

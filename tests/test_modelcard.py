@@ -1,4 +1,4 @@
-"""Model cards of HEFT adapters: PEFT's save_pretrained and StagedSFTTrainer.create_model_card."""
+"""Model cards of HEFT adapters: update_model_card after PEFT's save_pretrained, and the trainers' cards."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ from peft import LoraConfig, get_peft_model
 from sft_fixtures import make_dataset, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftSFTConfig, StagedSFTTrainer
-from peft_heft.modelcard import SECTION_BEGIN, SECTION_END
+from peft_heft.modelcard import SECTION_BEGIN, SECTION_END, update_model_card
 
 
-def test_save_pretrained_writes_a_heft_card_and_keeps_the_users_text(tmp_path):
+def test_plain_save_pretrained_writes_peft_card_unchanged(tmp_path):
+    """peft-heft changes nothing in PEFT: model.save_pretrained writes PEFT's card; HEFT's own writers add the section."""
+    model = get_peft_model(tiny_llama(), heft_config())
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert SECTION_BEGIN not in text and ModelCard.load(tmp_path / "README.md").data.library_name == "peft"
+
+
+def test_update_model_card_after_save_pretrained_adds_heft_section_and_keeps_the_users_text(tmp_path):
     model = get_peft_model(tiny_llama(), heft_config(intervention_positions="f2+l3", intervention_rank=3))
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nNotes I wrote myself.\n")
-    model.save_pretrained(tmp_path)
-    model.save_pretrained(tmp_path)  # a second save replaces the section instead of adding another
+    for _ in range(2):  # a second save + update replaces the section instead of adding another
+        model.save_pretrained(tmp_path)
+        update_model_card(tmp_path, model.peft_config["default"])
     card = ModelCard.load(tmp_path / "README.md")
     text = card.text
     assert text.count(SECTION_BEGIN) == 1 and text.count(SECTION_END) == 1
@@ -34,6 +43,7 @@ def test_card_says_how_to_evaluate_and_what_goes_wrong_elsewhere(tmp_path):
     model = get_peft_model(tiny_llama(), heft_config())
     model.peft_config["default"].base_model_name_or_path = "org/base-model"
     model.save_pretrained(tmp_path)
+    update_model_card(tmp_path, model.peft_config["default"])
     text = (tmp_path / "README.md").read_text()
     command = f"python -m peft_heft.lm_eval --model heft --model_args pretrained=org/base-model,peft={tmp_path}"
     assert command in text
@@ -82,7 +92,7 @@ def test_trainer_card_has_loading_code_schedule_data_and_metrics(tmp_path):
     assert "import peft_heft" in quick_start and "pipeline(" not in quick_start
     assert 'AutoPeftModelForCausalLM.from_pretrained("someone/heft-tiny")' in quick_start
     assert "| lora | - | 2 | 0.001 | 2 |" in text and "| reft | - | 3 | 0.005 | 3 |" in text
-    lora_loss = trainer._completed_stages["lora"]["train_loss"]
+    lora_loss = trainer.completed_stages["lora"]["train_loss"]
     assert f"| lora_train_loss | {lora_loss:.4g} |" in text
     assert "Training data: `someone/yes-no`." in text
     assert "someone/yes-no" in card.data.datasets and {"demo", "peft-heft", "trl"} <= set(card.data.tags)

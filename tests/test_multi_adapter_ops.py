@@ -10,7 +10,7 @@ import torch
 from conftest import clone, heft_config, left_padded_batch, randomize_interventions, tiny_llama
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 
-from peft_heft.model import _refuse_data_parallel_replica
+from peft_heft.tuner.layer import refuse_data_parallel_replica
 
 B_OVERRIDES = dict(intervention_layers=[0, 2], intervention_positions="l3", r=2, target_modules=["q_proj"])
 
@@ -266,8 +266,8 @@ def test_data_parallel_replica_is_refused_with_ddp_advice():
     with pytest.raises(RuntimeError, match=message):
         _replica_of(model)(input_ids=ids, attention_mask=mask)
     with pytest.raises(RuntimeError, match=message):
-        _refuse_data_parallel_replica(model.base_model._replicate_for_data_parallel())
-    _refuse_data_parallel_replica(model.base_model)  # the model itself is not a replica
+        refuse_data_parallel_replica(model.base_model._replicate_for_data_parallel())
+    refuse_data_parallel_replica(model.base_model)  # the model itself is not a replica
     # DataParallel without GPUs (or with one) runs the module itself: that works and equals the model
     torch.testing.assert_close(
         logits(torch.nn.DataParallel(model), ids, mask), logits(model, ids, mask), atol=0, rtol=0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from peft_heft.positions import PositionSpec, compute_locations, normalize_locations
+from peft_heft.tuner.positions import PositionSpec, compute_locations, normalize_locations
 
 
 def test_parse_specs():

@@ -10,7 +10,7 @@ from conftest import VOCAB, heft_config, left_padded_batch, randomize_interventi
 from peft import get_peft_model
 
 from peft_heft import compute_locations, prompt_tokens
-from peft_heft.positions import PositionSpec
+from peft_heft.tuner.positions import PositionSpec
 
 PROMPT_LENGTHS = [5, 2, 3]  # real prompt tokens of the rows of left_padded_batch() (9, 6 and 4 real tokens)
 

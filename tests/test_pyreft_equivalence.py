@@ -22,8 +22,8 @@ import peft  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_heft  # noqa: E402
-from peft_heft import interventions as heft_interventions  # noqa: E402
-from peft_heft.positions import PositionSpec, compute_locations  # noqa: E402
+from peft_heft.tuner import interventions as heft_interventions  # noqa: E402
+from peft_heft.tuner.positions import PositionSpec, compute_locations  # noqa: E402
 
 D, R = 16, 4
 TYPES = ("loreft", "noreft", "direft")

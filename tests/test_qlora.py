@@ -16,8 +16,8 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from sft_fixtures import cpu_sft_args, make_dataset, sft_heft_config, tiny_sft_model, tiny_tokenizer
 
 from peft_heft import HeftCallback, StagedSFTTrainer
-from peft_heft.hooks import intervene, locate
-from peft_heft.interventions import build_intervention
+from peft_heft.tuner.interventions import build_intervention
+from peft_heft.tuner.layer import intervene, locate
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -140,8 +140,8 @@ def test_qlora_trains_both_stages_generates_and_reloads(tmp_path, saved_base, ki
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_float32_interventions_on_half_precision_hidden_match_a_float32_reference(dtype):
-    from peft_heft.config import HeftConfig
-    from peft_heft.positions import compute_locations
+    from peft_heft.tuner.config import HeftConfig
+    from peft_heft.tuner.positions import compute_locations
 
     torch.manual_seed(0)
     hidden = torch.randn(3, 9, 32).to(dtype)

@@ -1,4 +1,4 @@
-"""The fine-stage search (``StagedSFTTrainer.search_fine_stage``) and ``HeftModel.replace_interventions``, on the
+"""The fine-stage search (``run_fine_stage_search``) and ``HeftModel.replace_interventions``, on the
 tiny models of ``sft_fixtures``."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from peft_heft import HeftCallback, StagedSFTTrainer
 
 optuna = pytest.importorskip("optuna")
 
-from peft_heft.trainer.search import FineStageSearchSpace  # noqa: E402
+from peft_heft.trainer.search import FineStageSearchSpace, run_fine_stage_search  # noqa: E402
 
 SPACE = dict(layers=["all", [1]], positions=[1, 2], ranks=[1, 2], learning_rate=(1e-3, 1e-2), epochs=None)
 
@@ -87,7 +87,12 @@ def make_trainer(output_dir, recorder=None, model=None, eval_dataset=True, **ove
 def test_search_prunes_restores_coarse_bitwise_and_saves_the_best(tmp_path):
     recorder = Recorder(perturb=True)
     trainer = make_trainer(tmp_path / "out", recorder)
-    study = trainer.search_fine_stage(4, FineStageSearchSpace(**SPACE), pruner=PruneOddTrials())
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    study = run_fine_stage_search(trainer, 4, FineStageSearchSpace(**SPACE), pruner=PruneOddTrials())
+    assert matplotlib.get_backend() == backend  # study.png drawn without switching the process's backend
+    assert (tmp_path / "out" / "search" / "study.png").stat().st_size > 0
 
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
@@ -132,7 +137,7 @@ def test_pruning_by_threshold_stops_the_trial_early(tmp_path):
     recorder = Recorder()
     trainer = make_trainer(tmp_path / "out", recorder)
     pruner = optuna.pruners.ThresholdPruner(upper=0.0, n_warmup_steps=3)
-    study = trainer.search_fine_stage(2, FineStageSearchSpace(**SPACE), pruner=pruner)
+    study = run_fine_stage_search(trainer, 2, FineStageSearchSpace(**SPACE), pruner=pruner)
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
     assert [sorted(t.intermediate_values) for t in study.trials] == [[2, 4], [2, 4]]
     assert recorder.steps["reft"] == 2 * 4  # stopped at step 4 of 6
@@ -151,7 +156,7 @@ def test_impossible_search_space_is_refused_before_any_training(tmp_path, space,
     recorder = Recorder()
     trainer = make_trainer(tmp_path / "out", recorder)
     with pytest.raises(ValueError, match=message):
-        trainer.search_fine_stage(2, FineStageSearchSpace(**{**SPACE, **space}))
+        run_fine_stage_search(trainer, 2, FineStageSearchSpace(**{**SPACE, **space}))
     assert recorder.steps == {"lora": 0, "reft": 0}
     assert not (tmp_path / "out" / "search").exists()
 
@@ -160,30 +165,30 @@ def test_search_refuses_setups_it_cannot_run(tmp_path, monkeypatch):
     recorder = Recorder()
     trainer = make_trainer(tmp_path / "out", recorder)
     with pytest.raises(ValueError, match="not computed"):
-        trainer.search_fine_stage(2, metric="accuracy")
+        run_fine_stage_search(trainer, 2, metric="accuracy")
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="run the search in one process"):
-        trainer.search_fine_stage(2)
+        run_fine_stage_search(trainer, 2)
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ImportError, match="pip install optuna"):
-        trainer.search_fine_stage(2)
+        run_fine_stage_search(trainer, 2)
     monkeypatch.undo()
     no_eval = make_trainer(tmp_path / "out2", recorder, eval_dataset=False)
     with pytest.raises(ValueError, match="no eval_dataset"):
-        no_eval.search_fine_stage(2)
+        run_fine_stage_search(no_eval, 2)
     assert recorder.steps == {"lora": 0, "reft": 0}
 
 
 def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first = Recorder()
-    make_trainer(tmp_path / "out", first).search_fine_stage(2, FineStageSearchSpace(**SPACE), storage=storage)
+    run_fine_stage_search(make_trainer(tmp_path / "out", first), 2, FineStageSearchSpace(**SPACE), storage=storage)
     assert first.steps["lora"] == 6
 
     second = Recorder()
     trainer = make_trainer(tmp_path / "out", second)  # a new process: a fresh model, untrained LoRA
-    study = trainer.search_fine_stage(2, FineStageSearchSpace(**SPACE), storage=storage)
+    study = run_fine_stage_search(trainer, 2, FineStageSearchSpace(**SPACE), storage=storage)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [t.params for t in study.trials[2:]] != [t.params for t in study.trials[:2]]  # no replayed suggestions
     assert second.steps["lora"] == 0  # reloaded from out/search/coarse
@@ -200,7 +205,7 @@ def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(t
     # weights come back from out/search/best
     later = make_trainer(tmp_path / "out", Recorder())
     tiny_lr = FineStageSearchSpace(**{**SPACE, "learning_rate": (1e-7, 1e-7)})
-    study = later.search_fine_stage(1, tiny_lr, storage=storage)
+    study = run_fine_stage_search(later, 1, tiny_lr, storage=storage)
     assert len(study.trials) == 5 and study.best_trial.number < 4
     assert later.evaluate()["eval_loss"] == pytest.approx(study.best_value, abs=1e-5)
     assert later.model.peft_config["default"].intervention_rank == study.best_trial.params["rank"]
@@ -210,9 +215,9 @@ def test_resumed_study_continues_numbering_without_retraining_the_coarse_stage(t
     third = Recorder()
     other = make_trainer(tmp_path / "out", third, lora_learning_rate=5e-3)
     with pytest.raises(ValueError, match="other LoRA settings"):
-        other.search_fine_stage(1, FineStageSearchSpace(**SPACE), storage=storage)
+        run_fine_stage_search(other, 1, FineStageSearchSpace(**SPACE), storage=storage)
     assert third.steps["lora"] == 0
-    other.search_fine_stage(1, FineStageSearchSpace(**SPACE), storage=storage, study_name="another")
+    run_fine_stage_search(other, 1, FineStageSearchSpace(**SPACE), storage=storage, study_name="another")
     assert third.steps["lora"] == 6
     assert any(not torch.equal(third.coarse[n], first.coarse[n]) for n in first.coarse)
 
@@ -385,7 +390,7 @@ def test_search_on_generation_accuracy_maximizes_it_and_the_card_summarizes_the_
     trainer.add_callback(accuracy_callback())
     seen = ValuesSeen()
     trainer.add_callback(seen)
-    study = trainer.search_fine_stage(3, FineStageSearchSpace(**SPACE), metric="eval_accuracy")
+    study = run_fine_stage_search(trainer, 3, FineStageSearchSpace(**SPACE), metric="eval_accuracy")
     assert study.direction.name == "MAXIMIZE"
     assert all(0.0 <= t.value <= 1.0 for t in study.trials if t.value is not None)
     for trial in study.trials:  # every evaluation of a trial reported the accuracy to the pruner

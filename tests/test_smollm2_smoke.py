@@ -64,8 +64,8 @@ def test_smollm2_trains_both_stages_and_reloads_with_identical_logits(tmp_path):
     )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
-    after_lora = trainer._completed_stages["lora"]["eval_loss"]
-    after_reft = trainer._completed_stages["reft"]["eval_loss"]
+    after_lora = trainer.completed_stages["lora"]["eval_loss"]
+    after_reft = trainer.completed_stages["reft"]["eval_loss"]
     assert before > after_lora > after_reft, (before, after_lora, after_reft)
     for stage in ("lora", "reft"):
         assert len(stage_losses(trainer.state.log_history, stage)) == 4

@@ -468,9 +468,9 @@ def test_final_save_replaces_previous_save_atomically(tmp_path, monkeypatch):
     trainer.save_model(str(out))
     before = load_file(out / "adapter_model.safetensors")
     # A crash while writing the new weights leaves the earlier save untouched
-    import peft_heft.saving as saving
+    import peft_heft.persistence as persistence
 
-    monkeypatch.setattr(saving, "fsync_tree", lambda folder: (_ for _ in ()).throw(Crash("disk gone")))
+    monkeypatch.setattr(persistence, "fsync_tree", lambda folder: (_ for _ in ()).throw(Crash("disk gone")))
     with pytest.raises(Crash):
         trainer.save_model(str(out))
     assert (out / "adapter_config.json").exists()

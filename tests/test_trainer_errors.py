@@ -226,7 +226,7 @@ def test_read_only_output_dir_is_refused_for_a_normal_user(tmp_path, no_dataset_
 
 
 def test_save_model_into_a_file_is_refused_like_the_constructor_does(tmp_path, monkeypatch):
-    from peft_heft.trainer import staged_sft
+    from peft_heft import persistence
 
     (tmp_path / "adapter.bin").write_text("a file")
     (tmp_path / "file").write_text("x")
@@ -239,7 +239,7 @@ def test_save_model_into_a_file_is_refused_like_the_constructor_does(tmp_path, m
         (tmp_path / "file" / "sub", ["cannot be created", "is a file, not a folder"]),
     ]:
         with pytest.raises(NotADirectoryError) as error:
-            staged_sft.save_staged(str(target), args, lambda folder: None)
+            persistence.save_trainer_output(str(target), args, lambda folder: None)
         assert_pieces(error, *pieces)
     assert (tmp_path / "adapter.bin").read_text() == "a file"
 
@@ -416,9 +416,9 @@ def test_same_adapter_written_differently_resumes(run_copy):
     )
     assert out.metrics["reft_train_steps"] == 4
     # [-2, -1] are layers [0, 1] of the 2-layer model: not a difference for the resume check
-    from peft_heft.trainer.staged_sft import _check_same_adapter
+    from peft_heft.trainer.validation import check_same_adapter
 
-    _check_same_adapter(
+    check_same_adapter(
         str(run_copy / "stage-1-reft" / "checkpoint-3"), peft_config(intervention_layers=[-2, -1]), "default"
     )
 

@@ -1,8 +1,8 @@
 """Does StagedSFTTrainer train both HEFT stages correctly under FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 on CPU?
 
-StagedSFTTrainer refuses FSDP and DeepSpeed at construction (``_check_supported`` -> ``_sharding_engine``). THIS
+StagedSFTTrainer refuses FSDP and DeepSpeed at construction (``check_supported`` -> ``sharding_engine``). THIS
 SCRIPT LIFTS THAT REFUSAL, INSIDE THIS SCRIPT ONLY, by monkeypatching
-``peft_heft.trainer.staged_sft._sharding_engine`` to return ``None`` (see ``lift_refusal``); peft_heft itself is
+``peft_heft.trainer.validation.sharding_engine`` to return ``None`` (see ``lift_refusal``); peft_heft itself is
 unchanged. It trains the trainer tests' tiny Llama (tests/sft_fixtures.py) for a few steps per stage on 2 CPU
 processes and checks, with numbers:
 
@@ -65,9 +65,9 @@ def clean(name: str) -> str:
 # ------------------------------------------------------------------ the refusal, lifted here only
 def lift_refusal() -> None:
     """StagedSFTTrainer refuses FSDP/DeepSpeed; this script (only) replaces the check that detects them."""
-    import peft_heft.trainer.staged_sft as staged
+    import peft_heft.trainer.validation as validation
 
-    staged._sharding_engine = lambda args: None
+    validation.sharding_engine = lambda args: None
 
 
 def force_fsdp_on_cpu() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from ..persistence import build_folder_atomically
 
 CACHE_ENV = "PEFT_HEFT_CACHE"
 
@@ -33,23 +33,10 @@ def cache_dir() -> Path:
 def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp_dir)`` in a temporary sibling of ``target`` and move it into place only when it succeeded.
 
-    A crash or Ctrl-C half way leaves no half-written ``target`` behind, so a later call simply builds it again.
+    A crash or Ctrl-C half way leaves no half-written ``target`` behind, so a later call simply builds it again
+    (:func:`peft_heft.persistence.build_folder_atomically`).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-        if target.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return build_folder_atomically(target, build)
 
 
 def package_dir(package: str) -> Path | None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..persistence import write_file_atomic
 from .cache import cache_dir, package_dir
 
 if TYPE_CHECKING:
@@ -225,9 +224,7 @@ def prepare_bigbench(source: str | Path) -> Path:
     target = _bigbench_target()
     target.mkdir(parents=True, exist_ok=True)
     for name, data in found.items():  # each file written beside its place, then renamed: never half-written
-        with tempfile.NamedTemporaryFile(dir=target, prefix=f".{name}.", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, target / f"{name}.json")
+        write_file_atomic(target / f"{name}.json", data)
     return target
 
 

@@ -44,8 +44,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import peft_heft  # noqa: F401  (registers the HEFT PEFT type before lm_eval loads an adapter)
 
-from ..model import _find_heft_tuner
 from ..prompt_tokens import PROMPT_LENGTHS_KWARG
+from ..tuner.model import _find_heft_tuner
 
 Request = tuple[Any, list[int], list[int]]
 

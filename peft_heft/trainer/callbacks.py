@@ -31,7 +31,16 @@ class HeftCallback(TrainerCallback):
 
 
 class StageProgressCallback(ProgressCallback, HeftCallback):
-    """transformers' progress bar, titled with the running stage (``HEFT 1/2 lora``)."""
+    """transformers' progress bar, titled with the running stage (``HEFT 1/2 lora``).
+
+    `StagedSFTTrainer` puts it in place of transformers' `ProgressCallback`.
+
+    Example:
+    ```python
+    >>> from peft_heft import StageProgressCallback
+    >>> trainer = StagedSFTTrainer(..., callbacks=[StageProgressCallback()])  # what the trainer does by default
+    ```
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -50,9 +59,9 @@ class GenerationAccuracyCallback(HeftCallback):
     """Adds generation accuracy (greedy answers matched against the references) to every evaluation's metrics.
 
     On each `evaluate()` (per `eval_strategy`, at each stage's end, and in every trial of
-    [`StagedSFTTrainer.search_fine_stage`]) it generates an answer for every prompt of `dataset` with
+    [`~peft_heft.trainer.run_fine_stage_search`]) it generates an answer for every prompt of `dataset` with
     [`~peft_heft.evaluate_generation_accuracy`] and puts the accuracy into the evaluation's metrics as
-    `metric_name`, so `metric_for_best_model="eval_accuracy"`, `search_fine_stage(metric="eval_accuracy")` and the
+    `metric_name`, so `metric_for_best_model="eval_accuracy"`, `run_fine_stage_search(trainer, n, metric="eval_accuracy")` and the
     log history all see it. Pass it at construction (`callbacks=[...]`): it must run before the callbacks that read
     the metric. Every process evaluates the whole dataset.
 
@@ -70,7 +79,7 @@ class GenerationAccuracyCallback(HeftCallback):
     ```python
     >>> accuracy = GenerationAccuracyCallback(eval_rows, tokenizer, choices=["yes", "no"])
     >>> trainer = StagedSFTTrainer(..., eval_dataset=eval_rows, callbacks=[accuracy])
-    >>> study = trainer.search_fine_stage(8, metric="eval_accuracy")
+    >>> study = run_fine_stage_search(trainer, 8, metric="eval_accuracy")
     ```
     """
 

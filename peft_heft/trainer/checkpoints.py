@@ -16,17 +16,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import zipfile
+from typing import Any
 
+from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, sort_checkpoints
 from transformers.utils import logging
 
-from ..fs import fsync_path
+from ..persistence import fsync_tree, write_json_atomic
+from .config import STAGE_NAMES
 
 logger = logging.get_logger(__name__)
 
 MARKER_NAME = "heft_checkpoint.json"
-_STAGE_DIR_RE = re.compile(r"^stage-(\d+)-(lora|reft|joint)$")
+_STAGE_DIR_RE = re.compile(rf"^stage-(\d+)-({'|'.join(STAGE_NAMES)})$")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -34,14 +41,48 @@ def stage_dir_name(index: int, stage: str) -> str:
     return f"stage-{index}-{stage}"
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(path) or ".")
+def write_marker(folder: str, payload: dict) -> None:
+    """Complete the checkpoint ``folder``: flush its files, then write the marker (atomically, last)."""
+    fsync_tree(folder)
+    write_json_atomic(os.path.join(folder, MARKER_NAME), payload, indent=2, sort_keys=True)
+
+
+def remove_stale_marker(folder: str) -> None:
+    """A checkpoint folder about to be rewritten (an earlier run's step) is incomplete until its new marker lands."""
+    path = os.path.join(folder, MARKER_NAME)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+class CheckpointCompleter(TrainerCallback):
+    """Calls ``complete(folder)`` once `Trainer` has written a checkpoint (its `on_save`), before other callbacks."""
+
+    def __init__(self, complete) -> None:
+        self.complete = complete
+
+    def on_save(self, args, state, control, **kwargs):
+        self.complete()
+        return control
+
+
+def resumed_loss_total(marker: dict, state: TrainerState) -> float:
+    """Total training loss of a stage's steps up to its checkpoint (what Trainer's train_loss is a mean of)."""
+    recorded = marker.get("stage_train_loss")
+    if isinstance(recorded, dict) and int(recorded.get("steps", -1)) == state.global_step:
+        return float(recorded["total"])
+    # markers from before the total was recorded: rebuild it from the logged losses, each the mean of the steps since
+    # the log before it (exact when the checkpoint step was logged, short of the steps after the last log otherwise)
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (int(entry["step"]) - previous)
+            previous = int(entry["step"])
+    return total
+
+
+def checkpoint_state(checkpoint: str) -> TrainerState:
+    """The `TrainerState` a checkpoint folder was written with."""
+    return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
 
 
 def checkpoint_files(folder: str) -> dict[str, int]:
@@ -51,7 +92,7 @@ def checkpoint_files(folder: str) -> dict[str, int]:
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder).replace(os.sep, "/")
-            if relative == MARKER_NAME or relative.startswith(f"{MARKER_NAME}.tmp-"):
+            if relative == MARKER_NAME or relative.startswith((f"{MARKER_NAME}.tmp-", f".{MARKER_NAME}.tmp-")):
                 continue
             files[relative] = os.path.getsize(path)
     return dict(sorted(files.items()))
@@ -125,7 +166,7 @@ def read_marker(checkpoint: str) -> dict | None:
         with open(path, encoding="utf-8") as handle:
             marker = json.load(handle)
     except ValueError:
-        return None  # not written by write_json_atomic (which never leaves half a file): not a complete checkpoint
+        return None  # not written by write_marker (which never leaves half a file): not a complete checkpoint
     return marker if isinstance(marker, dict) else None
 
 
@@ -207,3 +248,66 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: st
             f"stage_order={list(stage_order)}. Resume with the same stage_order."
         )
     return path, marker
+
+
+class StageCheckpointsMixin:
+    """`StagedSFTTrainer`'s checkpoints (mixed in before `SFTTrainer`): one folder per stage, each checkpoint
+    completed by its marker after Trainer wrote it, rotation only after that."""
+
+    _stage_index: int | None
+    _stage_name: str | None
+    _stage_trial: Any
+    _stage_base_args: Any
+    _stage_loss_offset: float
+    _completed_stages: dict
+    stage_log_history: list
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if self._stage_index is None or self._stage_name is None:
+            return run_dir
+        return os.path.join(run_dir, stage_dir_name(self._stage_index, self._stage_name))
+
+    def _complete_checkpoint(self) -> None:
+        """After Trainer wrote a checkpoint (`on_save`): its marker, written last, then the rotation."""
+        run_dir = self._get_output_dir(self._stage_trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # every rank writes its own RNG state into the folder: the marker's file list must come after all of them
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        # the stage's running loss total so far (drained into _total_loss_scalar at each log, the rest in _tr_loss)
+        tr_loss = getattr(self, "_tr_loss", None)
+        stage_loss = self._stage_loss_offset + getattr(self, "_total_loss_scalar", 0.0)
+        stage_loss += float(tr_loss.item()) if tr_loss is not None else 0.0
+        write_marker(
+            folder,
+            {
+                "format": 2,
+                "stage_index": self._stage_index,
+                "stage": self._stage_name,
+                "stage_order": list(self.args.stage_order),
+                "global_step": self.state.global_step,
+                "completed_stages": self._completed_stages,
+                "stage_log_history": self.stage_log_history,
+                "stage_train_loss": {"total": stage_loss, "steps": self.state.global_step},
+                "files": checkpoint_files(folder),
+            },
+        )
+        base = self._stage_base_args if self._stage_base_args is not None else self.args
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=base.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+    def _keep_only_best(self, limit: int | None, trial) -> None:
+        """What Trainer does at the end of training with `save_total_limit=1` and a best checkpoint (this stage's copy
+        of the arguments has no limit): delete every other checkpoint of the stage."""
+        if not (self.args.should_save and limit == 1):
+            return
+        best = self.state.best_model_checkpoint
+        for folder in sort_checkpoints(output_dir=self._get_output_dir(trial), best_model_checkpoint=best):
+            if not os.path.samefile(folder, best):
+                shutil.rmtree(folder, ignore_errors=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..positions import PositionSpec, compute_locations
 from ..prompt_tokens import prompt_mask_from_lengths
+from ..tuner.positions import PositionSpec, compute_locations
 
 PROMPT_LENGTH_COLUMN = "heft_prompt_length"
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from trl import SFTConfig
 
-STAGE_NAMES = ("lora", "reft", "joint")
+from ..settings import STAGES
+
+# The stages a trainer can train ("frozen" trains nothing).
+STAGE_NAMES = tuple(stage for stage in STAGES if stage != "frozen")
 # Options that can differ per stage: ``<stage>_<option>`` overrides the plain ``SFTConfig`` option for that stage.
 PER_STAGE_OPTIONS = ("num_train_epochs", "max_steps", "learning_rate", "warmup_steps")
 
@@ -151,6 +157,11 @@ class HeftSFTConfig(SFTConfig):
             if lr is not None and not (lr > 0 and math.isfinite(lr)):
                 raise ValueError(f"{stage}_learning_rate must be > 0, got {lr}.")
 
+    def for_stage(self, stage: str, **overrides: Any) -> HeftSFTConfig:
+        """A copy of these arguments as `stage` trains under them: its epochs, steps, learning rate and warmup in the
+        plain options, then `overrides`. These arguments are not changed."""
+        return derived_arguments(self, **{**self.stage_options(stage), **overrides})
+
     def stage_options(self, stage: str) -> dict:
         """The effective ``num_train_epochs``, ``max_steps``, ``learning_rate`` and ``warmup_steps`` of ``stage``."""
         if stage not in STAGE_NAMES:
@@ -162,6 +173,26 @@ class HeftSFTConfig(SFTConfig):
         if getattr(self, f"{stage}_max_steps") is None and getattr(self, f"{stage}_num_train_epochs") is not None:
             options["max_steps"] = -1  # the stage's own epochs win over a global max_steps
         return options
+
+
+_Args = TypeVar("_Args")
+
+
+def derived_arguments(args: _Args, **overrides: Any) -> _Args:
+    """A shallow copy of the training arguments ``args`` with ``overrides`` set; ``args`` itself is not changed.
+
+    Not ``dataclasses.replace``: that reruns ``TrainingArguments.__post_init__``, whose device setup resets
+    accelerate's shared ``AcceleratorState`` under the running trainer's ``Accelerator`` (its ``mixed_precision``
+    and distributed type vanish). The overrides are plain values, so sharing the other fields' objects is safe.
+    """
+    names = {f.name for f in dataclasses.fields(args)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"{type(args).__name__} has no option {unknown[0]!r}.")
+    derived = copy.copy(args)
+    for name, value in overrides.items():
+        setattr(derived, name, value)
+    return derived
 
 
 # What each per-stage option holds: ``float`` also takes an int (``lora_num_train_epochs=3``), ``int`` takes no float.

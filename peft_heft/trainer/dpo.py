@@ -23,15 +23,16 @@ from peft import PeftConfig
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
-from ..config import HeftConfig
-from ..model import HeftModel, _find_heft_tuner
-from ..modelcard import replace_quick_start
+from ..modelcard import replace_quick_start, update_model_card
+from ..persistence import save_trainer_output
+from ..tuner.config import HeftConfig
+from ..tuner.model import HeftModel, _find_heft_tuner
+from .config import STAGE_NAMES
 from .labelled_lm_head import score_labelled_positions_only
-from .staged_sft import save_staged
 
 logger = logging.get_logger(__name__)
 
-DPO_STAGES = ("reft", "lora", "joint")
+DPO_STAGES = STAGE_NAMES  # every trainable stage of settings.STAGES
 REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer looks for (`"ref" in model.peft_config`)
 POLICY_ADAPTER = "default"  # the adapter TRL's DPOTrainer copies into "ref"
 
@@ -221,19 +222,19 @@ class HeftDPOTrainer(DPOTrainer):
     def train(self, *args, **kwargs):
         """TRL's `train()`, with the policy in the chosen HEFT stage (whatever changed the flags since `__init__`)."""
         self._apply_heft_stage()
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._apply_heft_stage()  # loading the best checkpoint's trainable adapter selected the joint stage
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._apply_heft_stage()  # loading a trainable adapter selects the joint stage
 
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        self._apply_heft_stage()
-
     # ------------------------------------------------------------------ saving
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+    def _save_adapter(self, output_dir: str | None) -> None:
+        """Trainer's save of the adapter into `output_dir`, without the `"ref"` copy."""
+        super().save_model(output_dir, _internal_call=True)
         folder = os.path.join(output_dir if output_dir is not None else str(self.args.output_dir), REFERENCE_ADAPTER)
         # PeftModel.save_pretrained saves every adapter, the non-default ones in sub-folders: drop the reference copy
         if (
@@ -246,14 +247,21 @@ class HeftDPOTrainer(DPOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the trained HEFT adapter (not the `"ref"` copy) to `output_dir`, replacing an earlier save atomically.
 
-        As `StagedSFTTrainer.save_model`: written into a staging folder in `output_dir`, flushed, then moved over the
-        old files one atomic rename each; the training arguments as `training_args.json` (no pickle).
+        As `StagedSFTTrainer.save_model` (the same `peft_heft.persistence.save_trainer_output`): written into a staging
+        folder in `output_dir`, flushed, then moved over the old files one atomic rename each; the training arguments
+        as `training_args.json` (no pickle).
         """
         if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else str(self.args.output_dir)
-        save_staged(output_dir, self.args, lambda staging: super(HeftDPOTrainer, self).save_model(staging, True))
-        if self.args.push_to_hub:
+            self._save_adapter(output_dir)
+        else:
+            target = output_dir if output_dir is not None else str(self.args.output_dir)
+
+            def write(staging: str) -> None:
+                self._save_adapter(staging)
+                self._write_heft_card(staging, model_id=target)  # PEFT's card gets the HEFT section
+
+            save_trainer_output(target, self.args, write)
+        if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def create_model_card(  # type: ignore[override]  # TRL's signature, which differs from Trainer's
@@ -269,6 +277,14 @@ class HeftDPOTrainer(DPOTrainer):
             return
         model_id = self.hub_model_id or self.args.hub_model_id or str(self.args.output_dir)
         replace_quick_start(path, model_id)
+        self._write_heft_card(str(self.args.output_dir), model_id=model_id, dataset_name=dataset_name)
+
+    def _write_heft_card(self, folder: str, *, model_id: str, dataset_name: str | None = None) -> None:
+        """The HEFT section of ``folder/README.md`` for the trained adapter (not the ``"ref"`` copy)."""
+        model = self._peft_model()
+        update_model_card(
+            folder, model.peft_config[model.active_adapter], model_id=model_id, dataset_name=dataset_name
+        )
 
 
 # ---------------------------------------------------------------------- early checks with clear messages

@@ -14,7 +14,9 @@ positions, the second the suffix positions, each read by its own intervention) a
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -157,3 +159,53 @@ def normalize_locations(locations, batch_size: int, num_groups: int, device: tor
     if (locs < -1).any():
         raise ValueError("intervention_locations may only contain token positions >= 0, or -1 for an unused slot.")
     return locs
+
+
+def locations_by_spec(
+    routes: Mapping[int, list[tuple[tuple, Any]]],
+    batch: int,
+    total_len: int,
+    mask: torch.Tensor | None,
+    explicit: Any,
+    device: torch.device,
+) -> dict[tuple, torch.Tensor]:
+    """Absolute locations ``(B, G, n)`` per ``(spec, share_weights)`` key the routes use, from the mask or the explicit
+    locations."""
+    if mask is not None and tuple(mask.shape) != (batch, total_len):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, but the input has {batch} row(s) of {total_len} "
+            f"token(s); pass a mask of shape {(batch, total_len)}."
+        )
+    result = {}
+    for entries in routes.values():
+        for key, _ in entries:
+            if key in result:
+                continue
+            spec, share = key
+            if explicit is not None:
+                locs = normalize_locations(explicit, batch, spec.num_groups(share), device)
+                check_explicit_locations(locs, total_len)
+                result[key] = locs
+            else:
+                result[key] = compute_locations(spec, mask, batch, total_len, share, device)
+    return result
+
+
+def check_explicit_locations(locs: torch.Tensor, total_len: int) -> None:
+    """Explicit locations must name real positions of the sequence, each at most once per row."""
+    highest = int(locs.max())
+    if highest >= total_len:
+        raise ValueError(
+            f"intervention_locations contains position {highest}, but the sequence has {total_len} tokens "
+            f"(valid: 0..{total_len - 1}, or -1 for an unused slot)."
+        )
+    flat = locs.reshape(locs.shape[0], -1)
+    ordered = flat.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(repeated.any()):
+        row = int(repeated.any(dim=1).nonzero()[0, 0])
+        position = int(ordered[row, 1:][repeated[row]][0])
+        raise ValueError(
+            f"intervention_locations names position {position} more than once in row {row}; each position may be "
+            "intervened on once (its changes would add up). List each position once, -1 for unused slots."
+        )

@@ -15,14 +15,13 @@ Any pyvene ``TrainableIntervention`` class that takes pyreft's keyword arguments
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import cast
 
 import torch
 
-with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about an optional backend on import
-    from pyvene import DistributedRepresentationIntervention, SourcelessIntervention, TrainableIntervention
+# Importing any part of pyvene runs its package __init__, which prints a notice that the optional nnsight backend is
+# missing: left as is (redirecting sys.stdout would change process-wide state for every thread).
+from pyvene import DistributedRepresentationIntervention, SourcelessIntervention, TrainableIntervention
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from transformers.activations import ACT2FN

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
+from ..persistence import CONFIG_NAME, check_local_adapter_folder
+from ..settings import RECORD_FIELD, SettingsMismatchError, check_legacy_settings, check_recorded_settings, settings_of
 from .interventions import get_intervention_class, has_no_bias_option
 from .positions import PositionSpec
 
@@ -100,6 +103,15 @@ class HeftConfig(LoraConfig):
         default=None,
         metadata={"help": "Decoder layer count of the model the adapter was made for (filled in automatically)."},
     )
+    saved_settings: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained, leave it unset: the settings the saved weights were trained with "
+            "(intervention type, positions, layers, ranks, LoRA shape). A config loaded with settings that differ "
+            "from this record (adapter_config.json edited by hand) is refused, since it would load without error "
+            "and silently change the outputs. Checked once when the config is built, then cleared."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +173,43 @@ class HeftConfig(LoraConfig):
                     f"{name} must be a positive int or None, got {value!r}; leave it None: get_peft_model fills it in."
                 )
             setattr(self, name, value)
+        # a loaded config is checked against the record of its save once; the record is rewritten by each save, so
+        # a config changed in code afterwards (replace_interventions, dataclasses.replace) is never refused
+        recorded, self.saved_settings = self.saved_settings, None
+        check_recorded_settings(self, recorded)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict of the config, plus the record of the settings the saved weights depend on."""
+        data = super().to_dict()
+        data[RECORD_FIELD] = settings_of(self)
+        return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's ``from_pretrained``, with a local adapter folder checked first.
+
+        A save interrupted by a kill is finished before anything is read; pickled-only, missing or corrupt weights
+        are refused; a config that differs from the settings recorded at save time is refused, naming its file.
+        """
+        folder = str(pretrained_model_name_or_path)
+        folder = os.path.join(folder, subfolder) if subfolder else folder
+        if os.path.isfile(folder):  # PEFT would say it "can't find adapter_config.json" at the path of that very file
+            parent = os.path.dirname(folder) or "."
+            raise ValueError(
+                f"{folder!r} is a file; an adapter is loaded from the folder that holds adapter_config.json and "
+                f"adapter_model.safetensors. Pass the folder: {parent!r}, e.g. PeftModel.from_pretrained(base_model, "
+                f"{parent!r})."
+            )
+        local = os.path.isdir(folder)
+        if local:
+            check_local_adapter_folder(folder)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except SettingsMismatchError as error:
+            raise error.at(os.path.join(folder, CONFIG_NAME) if local else CONFIG_NAME) from None
+        if local:
+            check_legacy_settings(folder, config)  # adapters saved before the record moved into the config
+        return config
 
     @property
     def position_spec(self) -> PositionSpec:
@@ -235,42 +284,3 @@ def _checked_layers(layers: Any) -> list[int] | Literal["all"]:
             f"intervention_layers={values} lists layer {repeated[0]} more than once; list each layer once."
         )
     return values
-
-
-def _check_local_folder_on_load(config_cls):
-    """Wrap ``from_pretrained``: a local HEFT adapter folder is checked before anything is read from it (a save
-    interrupted by a kill is finished first; pickled-only, missing or corrupt weights are refused), and the config
-    read from it is compared with the settings its weights were saved with."""
-    original = config_cls.from_pretrained.__func__
-
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-        import os
-
-        from .saving import check_local_adapter_folder, check_settings
-
-        folder = (
-            os.path.join(str(pretrained_model_name_or_path), subfolder)
-            if subfolder
-            else str(pretrained_model_name_or_path)
-        )
-        if os.path.isfile(folder):  # PEFT would say it "can't find adapter_config.json" at the path of that very file
-            parent = os.path.dirname(folder) or "."
-            raise ValueError(
-                f"{folder!r} is a file; an adapter is loaded from the folder that holds adapter_config.json and "
-                f"adapter_model.safetensors. Pass the folder: {parent!r}, e.g. PeftModel.from_pretrained(base_model, "
-                f"{parent!r})."
-            )
-        local = os.path.isdir(folder)
-        if local:
-            check_local_adapter_folder(folder)
-        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if local:
-            check_settings(folder, config)
-        return config
-
-    from_pretrained.__doc__ = original.__doc__
-    config_cls.from_pretrained = classmethod(from_pretrained)
-    return config_cls
-
-
-_check_local_folder_on_load(HeftConfig)

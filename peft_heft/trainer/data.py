@@ -1,0 +1,86 @@
+"""Data preparation of `StagedSFTTrainer`: TRL's SFT preparation plus where each example's prompt ends.
+
+The interventions sit on the prompt tokens, so every prepared example carries its prompt length
+(`PROMPT_LENGTH_COLUMN`), fitted to the truncation TRL applies.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from transformers import ProcessorMixin
+from transformers.utils import logging
+
+from .collator import PROMPT_LENGTH_COLUMN
+from .prompts import (
+    FULL_LENGTH_COLUMN,
+    pretokenized_prompt_length_fn,
+    prompt_length_fn,
+    truncate_prompt_length_fn,
+)
+from .validation import PACKING_ERROR, check_dataset_format, report_dropped_rows
+
+logger = logging.get_logger(__name__)
+
+
+def _tokenizer_of(processing_class):
+    """The tokenizer of a processing class, as TRL picks it (a processor's own tokenizer)."""
+    return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+
+
+class PromptLengthsMixin:
+    """Overrides of `SFTTrainer`'s dataset preparation (mixed in before `SFTTrainer`)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if packing:
+            raise ValueError(PACKING_ERROR)
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        pretokenized = check_dataset_format(dataset, args, formatting_func, dataset_name)
+        if pretokenized:
+            dataset = dataset.map(pretokenized_prompt_length_fn, **map_kwargs)
+        rows_before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if rows_before and isinstance(dataset, Dataset) and len(dataset) < rows_before:
+            report_dropped_rows(rows_before, len(dataset), args, dataset_name)
+        keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
+        if not pretokenized:
+            if isinstance(dataset, Dataset):
+                map_kwargs["desc"] = f"Finding prompt tokens of {dataset_name} dataset"
+            dataset = dataset.map(
+                prompt_length_fn,
+                fn_kwargs={
+                    "tokenizer": _tokenizer_of(processing_class),
+                    "chat_template": self.chat_template,
+                    "keep_end": keep_end,
+                },
+                **map_kwargs,
+            )
+        if isinstance(dataset, Dataset):
+            map_kwargs["desc"] = f"Fitting prompt lengths of {dataset_name} dataset to truncation"
+        return dataset.map(
+            truncate_prompt_length_fn,
+            fn_kwargs={"keep_end": keep_end},
+            remove_columns=[FULL_LENGTH_COLUMN],
+            **map_kwargs,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PROMPT_LENGTH_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, PROMPT_LENGTH_COLUMN]
+
+    def _check_prompts_fit(self, dataset) -> None:
+        if not isinstance(dataset, Dataset) or PROMPT_LENGTH_COLUMN not in dataset.column_names or not len(dataset):
+            return
+        lengths = dataset[PROMPT_LENGTH_COLUMN]
+        empty = sum(1 for n in lengths if n == 0)
+        if empty == len(lengths) and any(s != "lora" for s in self.args.stage_order):
+            raise ValueError(
+                "No training example keeps any prompt token after truncation, so the interventions have no position "
+                f"to act on (max_length={self.args.max_length}, truncation_mode={self.args.truncation_mode!r}). "
+                "Raise max_length or use truncation_mode='keep_start'."
+            )
+        if empty:
+            logger.warning(
+                f"{empty} of {len(lengths)} training examples keep no prompt token after truncation; the "
+                "interventions skip them."
+            )
