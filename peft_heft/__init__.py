@@ -5,6 +5,7 @@
 """
 
 from .registration import register_heft
+from .settings import SettingsMismatchError
 from .tuner.config import HeftConfig
 from .tuner.interventions import (
     DireftIntervention,
@@ -51,6 +52,7 @@ __all__ = [
     "LoreftIntervention",
     "NoreftIntervention",
     "PositionSpec",
+    "SettingsMismatchError",
     "compute_locations",
     "register_heft",
     "register_intervention_type",

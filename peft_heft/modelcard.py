@@ -115,7 +115,7 @@ def heft_card_section(
             key order is the stage order.
         dataset_name: the training data, when known.
         metrics: name -> value (e.g. ``{"lora_train_loss": 0.41, "eval_accuracy": 0.86}``).
-        search: the record of a fine-stage search (``search/study.json``, as ``StagedSFTTrainer.search_fine_stage``
+        search: the record of a fine-stage search (``search/study.json``, as ``run_fine_stage_search``
             writes it): its trials are summarized, best first.
 
     Returns:

@@ -50,7 +50,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def fsync_tree(folder: str | os.PathLike) -> None:
     """Flush every file under ``folder`` (and the folders themselves) to disk."""
-    for root, _, files in os.walk(folder):
+    for root, _, files in os.walk(os.fspath(folder)):
         for name in files:
             fsync_path(os.path.join(root, name))
         fsync_path(root)

@@ -103,7 +103,22 @@ class SettingsMismatchError(ValueError):
     """A saved adapter's config no longer matches the settings its weights were saved with.
 
     Loading it would succeed and silently change the outputs (positions and intervention types are visible in no
-    tensor's shape), so it is refused. ``where`` names the config file when the loader knows it.
+    tensor's shape), so it is refused. A `ValueError`.
+
+    Args:
+        config: the config as read (``HeftConfig``).
+        recorded (`dict`): the settings its save recorded (``saved_settings`` in adapter_config.json).
+        where (`str`): the config file, named in the message when the loader knows it.
+
+    Example:
+    ```python
+    >>> import peft_heft
+    >>> from peft import PeftModel
+    >>> try:
+    ...     model = PeftModel.from_pretrained(base_model, "an-adapter-whose-config-was-edited")
+    ... except peft_heft.SettingsMismatchError as error:
+    ...     print(error)  # names each field: the config's value and the one the weights were saved with
+    ```
     """
 
     def __init__(self, config: Any, recorded: dict[str, Any], where: str = "adapter_config.json") -> None:

@@ -19,7 +19,7 @@ import re
 import shutil
 import struct
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
@@ -250,9 +250,20 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: st
     return path, marker
 
 
-class StageCheckpointsMixin:
+if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
+    from trl import SFTTrainer as _TrainerBase
+
+    from .config import HeftSFTConfig
+else:
+    _TrainerBase = object
+
+
+class StageCheckpointsMixin(_TrainerBase):
     """`StagedSFTTrainer`'s checkpoints (mixed in before `SFTTrainer`): one folder per stage, each checkpoint
     completed by its marker after Trainer wrote it, rotation only after that."""
+
+    if TYPE_CHECKING:  # attributes StagedSFTTrainer sets
+        args: HeftSFTConfig  # type: ignore[assignment]  # HEFT's trainer holds a HeftSFTConfig
 
     _stage_index: int | None
     _stage_name: str | None
@@ -305,9 +316,9 @@ class StageCheckpointsMixin:
     def _keep_only_best(self, limit: int | None, trial) -> None:
         """What Trainer does at the end of training with `save_total_limit=1` and a best checkpoint (this stage's copy
         of the arguments has no limit): delete every other checkpoint of the stage."""
-        if not (self.args.should_save and limit == 1):
-            return
         best = self.state.best_model_checkpoint
+        if not (self.args.should_save and limit == 1 and best is not None):  # as Trainer: only with a best checkpoint
+            return
         for folder in sort_checkpoints(output_dir=self._get_output_dir(trial), best_model_checkpoint=best):
             if not os.path.samefile(folder, best):
                 shutil.rmtree(folder, ignore_errors=True)

@@ -6,6 +6,8 @@ The interventions sit on the prompt tokens, so every prepared example carries it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from datasets import Dataset
 from transformers import ProcessorMixin
 from transformers.utils import logging
@@ -27,8 +29,19 @@ def _tokenizer_of(processing_class):
     return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
 
 
-class PromptLengthsMixin:
+if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
+    from trl import SFTTrainer as _TrainerBase
+
+    from .config import HeftSFTConfig
+else:
+    _TrainerBase = object
+
+
+class PromptLengthsMixin(_TrainerBase):
     """Overrides of `SFTTrainer`'s dataset preparation (mixed in before `SFTTrainer`)."""
+
+    if TYPE_CHECKING:  # attributes StagedSFTTrainer sets
+        args: HeftSFTConfig  # type: ignore[assignment]  # HEFT's trainer holds a HeftSFTConfig
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if packing:

@@ -5,15 +5,30 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers.trainer_utils import TrainOutput
 
 from ..modelcard import replace_quick_start, update_model_card
 
+if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
+    from trl import SFTTrainer as _TrainerBase
 
-class StageReportMixin:
+    from .config import HeftSFTConfig
+else:
+    _TrainerBase = object
+
+
+class StageReportMixin(_TrainerBase):
     """Each finished stage's metrics and log history, and what is made of them (mixed in before `SFTTrainer`)."""
+
+    if TYPE_CHECKING:  # attributes StagedSFTTrainer sets
+        args: HeftSFTConfig  # type: ignore[assignment]  # HEFT's trainer holds a HeftSFTConfig
+        model: Any
+        _stage_name: str | None
+
+        @property
+        def _output_dir(self) -> str: ...
 
     _completed_stages: dict[str, dict[str, float]]
     stage_log_history: list[dict[str, Any]]

@@ -93,7 +93,9 @@ class FineStageSearchSpace:
     )
     intervention_types: list[str] | None = field(
         default=None,
-        metadata={"help": "Choices of intervention_type; None means every registered type (peft_heft.interventions)."},
+        metadata={
+            "help": "Choices of intervention_type; None means every registered type (peft_heft.tuner.interventions)."
+        },
     )
     learning_rate: tuple[float, float] | None = field(
         default=(1e-4, 1e-2),

@@ -162,7 +162,7 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
         # first, so that a checkpoint is complete (marker written) before any other callback hears of it
         self.callback_handler.callbacks.insert(0, CheckpointCompleter(self._complete_checkpoint))
         self._check_prompts_fit(self.train_dataset)
-        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+        if isinstance(args.dataset_kwargs, dict) and args.dataset_kwargs.get("skip_prepare_dataset", False):
             logger.warning(
                 "skip_prepare_dataset=True: the trainer cannot find where each prompt ends, so interventions go on "
                 f"all tokens unless your examples carry a '{PROMPT_LENGTH_COLUMN}' column."

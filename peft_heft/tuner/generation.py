@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ def generate(owner: int, routes: Mapping[int, list], model: nn.Module, *args: An
     if explicit is not None and lengths is not None:
         raise ValueError(f"Pass either intervention_locations or {PROMPT_LENGTHS_KWARG} to generate(), not both.")
     if not routes:
-        return model.generate(*args, **kwargs)
+        return cast(Any, model).generate(*args, **kwargs)  # nn.Module typing has no generate
     if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
         kwargs["input_ids"], args = args[0], args[1:]
     input_ids = kwargs.get("input_ids")
@@ -150,6 +150,6 @@ def generate(owner: int, routes: Mapping[int, list], model: nn.Module, *args: An
     last = max(int(locs.max()) for locs in pinned.values())
     token = _start_generation(owner, GenerationState(pinned=pinned, last_position=last))
     try:
-        return model.generate(*args, **kwargs)
+        return cast(Any, model).generate(*args, **kwargs)  # nn.Module typing has no generate
     finally:
         _GENERATION.reset(token)

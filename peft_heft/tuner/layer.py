@@ -176,7 +176,9 @@ def adapter_routes(
         groups = config.num_position_groups
         key = (config.position_spec, config.share_intervention_weights)
         for layer in resolve_layers(config.intervention_layers, num_layers):
-            mods: list[nn.Module] = [interventions[adapter][intervention_key(layer, g, groups)] for g in range(groups)]
+            mods: list[nn.Module] = [
+                cast(nn.ModuleDict, interventions[adapter])[intervention_key(layer, g, groups)] for g in range(groups)
+            ]
             if rows is not None:
                 mods = [RowSubset(m, adapter, rows[adapter]) for m in mods]
             routes.setdefault(layer, []).append((key, mods))
@@ -362,7 +364,7 @@ class LayerHooks:
         located = {key: locate(locs, offset, seq_len, self.hidden_size) for key, locs in absolute.items()}
         plan = ForwardPlan(batch=batch, seq_len=seq_len)
         for layer, entries in routes.items():
-            kept = [(located[key], mods) for key, mods in entries if located[key] is not None]
+            kept = [(loc, mods) for key, mods in entries if (loc := located[key]) is not None]
             if kept:
                 plan.routes[layer] = kept
         self._set_plan(plan if plan.routes else None)

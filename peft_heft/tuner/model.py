@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -215,7 +215,7 @@ class HeftModel(LoraModel):
             self._stages.apply_requires_grad(self, self.heft_interventions)
         self._refresh_routes()
 
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """PEFT's ``set_requires_grad``: the adapter's LoRA weights *and* interventions. The stage is not changed: the
         next :meth:`set_stage` or :meth:`set_adapter` sets the flags from the stage again."""
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
@@ -239,7 +239,7 @@ class HeftModel(LoraModel):
         The new interventions are freshly initialized (from torch's RNG, like a new adapter's), placed on the
         decoder layers' devices, and trainable according to the adapter's current stage; hooks and routes are
         refreshed. The adapter's ``peft_config`` gets the new settings, so ``save_pretrained``/``from_pretrained``
-        round-trip them. Used by ``StagedSFTTrainer.search_fine_stage`` to try fine-stage settings on one coarse stage.
+        round-trip them. Used by ``run_fine_stage_search`` to try fine-stage settings on one coarse stage.
 
         Args:
             adapter_name (`str`, defaults to `"default"`): the HEFT adapter whose interventions are replaced.
