@@ -156,3 +156,23 @@ def test_installed_pth_registers_heft_without_any_import(saved):
     out = _run(LOAD.format(base=saved[0], adapter=saved[1]))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "HeftModel True"
+
+
+def test_the_start_up_hook_imports_nothing_at_interpreter_start():
+    """The .pth runs in every interpreter of the environment: importing the hook adds no module but itself (it once
+    pulled in importlib.abc -> importlib.resources, tempfile, typing: ~19 ms per start; docs/design.md)."""
+    script = (
+        "import os, sys; before = set(sys.modules); import _peft_heft_autoload; "  # site imports os at start-up
+        "print(sorted(set(sys.modules) - before)); print(type(sys.meta_path[0]).__name__)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    added, finder = run.stdout.splitlines()
+    assert added == "['_peft_heft_autoload']"
+    assert finder == "_RegisterHeftAfterPeft"  # in front, until peft is imported (then it removes itself)
