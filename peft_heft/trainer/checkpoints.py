@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from ..persistence import fsync_tree, write_json_atomic
 from .config import STAGE_NAMES
+from .mixin_base import SFTTrainerBase
 
 logger = logging.get_logger(__name__)
 
@@ -250,15 +251,11 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, output_dir: st
     return path, marker
 
 
-if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
-    from trl import SFTTrainer as _TrainerBase
-
+if TYPE_CHECKING:
     from .config import HeftSFTConfig
-else:
-    _TrainerBase = object
 
 
-class StageCheckpointsMixin(_TrainerBase):
+class StageCheckpointsMixin(SFTTrainerBase):
     """`StagedSFTTrainer`'s checkpoints (mixed in before `SFTTrainer`): one folder per stage, each checkpoint
     completed by its marker after Trainer wrote it, rotation only after that."""
 

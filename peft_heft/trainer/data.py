@@ -13,6 +13,7 @@ from transformers import ProcessorMixin
 from transformers.utils import logging
 
 from .collator import PROMPT_LENGTH_COLUMN
+from .mixin_base import SFTTrainerBase
 from .prompts import (
     FULL_LENGTH_COLUMN,
     pretokenized_prompt_length_fn,
@@ -29,15 +30,11 @@ def _tokenizer_of(processing_class):
     return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
 
 
-if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
-    from trl import SFTTrainer as _TrainerBase
-
+if TYPE_CHECKING:
     from .config import HeftSFTConfig
-else:
-    _TrainerBase = object
 
 
-class PromptLengthsMixin(_TrainerBase):
+class PromptLengthsMixin(SFTTrainerBase):
     """Overrides of `SFTTrainer`'s dataset preparation (mixed in before `SFTTrainer`)."""
 
     if TYPE_CHECKING:  # attributes StagedSFTTrainer sets

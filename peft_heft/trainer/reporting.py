@@ -10,16 +10,13 @@ from typing import TYPE_CHECKING, Any
 from transformers.trainer_utils import TrainOutput
 
 from ..modelcard import replace_quick_start, update_model_card
+from .mixin_base import SFTTrainerBase
 
-if TYPE_CHECKING:  # the mixin is only ever mixed into StagedSFTTrainer: type-check it against SFTTrainer
-    from trl import SFTTrainer as _TrainerBase
-
+if TYPE_CHECKING:
     from .config import HeftSFTConfig
-else:
-    _TrainerBase = object
 
 
-class StageReportMixin(_TrainerBase):
+class StageReportMixin(SFTTrainerBase):
     """Each finished stage's metrics and log history, and what is made of them (mixed in before `SFTTrainer`)."""
 
     if TYPE_CHECKING:  # attributes StagedSFTTrainer sets

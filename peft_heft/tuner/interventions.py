@@ -62,7 +62,16 @@ class _ReftBase(SourcelessIntervention, TrainableIntervention, DistributedRepres
         self.act_fn = ACT2FN[kwargs.get("act_fn") or "linear"]
 
 
-class LoreftIntervention(_ReftBase):
+class _RotatedSourceBase(_ReftBase):
+    """LoReFT's and DiReFT's weights: the orthonormal ``rotate_layer`` (d x r) and the ``learned_source`` ``W, b``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rotate_layer = orthonormal_rotation(self.hidden_size, self.rank, self.param_dtype)
+        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
+
+
+class LoreftIntervention(_RotatedSourceBase):
     """LoReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)`` with ``R`` (r × d) having orthonormal rows.
 
     Numerically the same as ``pyreft.LoreftIntervention`` for the same weights. ``rotate_layer.weight`` is
@@ -85,11 +94,6 @@ class LoreftIntervention(_ReftBase):
     torch.Size([3, 5, 16])
     ```
     """
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.rotate_layer = orthonormal_rotation(self.hidden_size, self.rank, self.param_dtype)
-        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
         rotation = cast(torch.Tensor, self.rotate_layer.weight)  # one Householder product per call
@@ -126,7 +130,7 @@ class NoreftIntervention(_ReftBase):
         return self.dropout(output.to(base.dtype))
 
 
-class DireftIntervention(_ReftBase):
+class DireftIntervention(_RotatedSourceBase):
     """DiReFT: ``Φ(h) = h + Rᵀ(W h + b)``, LoReFT without subtracting the projection of ``h``.
 
     `HeftConfig(intervention_type="direft")`; numerically the same as pyreft's `DireftIntervention`.
@@ -139,11 +143,6 @@ class DireftIntervention(_ReftBase):
     >>> config = HeftConfig(target_modules=["q_proj"], intervention_type="direft", intervention_rank=8)
     ```
     """
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.rotate_layer = orthonormal_rotation(self.hidden_size, self.rank, self.param_dtype)
-        self.learned_source = nn.Linear(self.hidden_size, self.rank, dtype=self.param_dtype)
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
         rotation = cast(torch.Tensor, self.rotate_layer.weight)
