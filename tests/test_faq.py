@@ -111,7 +111,7 @@ def trigger(key: str, tmp_path: Path, monkeypatch) -> BaseException:
         model.base_model.set_stage("frozen")
         return raised_by(model.merge_and_unload)
     if key.startswith("ValueError: StagedSFTTrainer does not support packing"):
-        return raised_by(lambda: _trainer(tmp_path, packing=True))
+        return raised_by(lambda: _trainer(tmp_path, packing=True, packing_strategy="bfd_split"))
     if key.startswith("ValueError: stage_order ['lora', 'lora']"):
         return raised_by(lambda: cpu_sft_args(str(tmp_path), stage_order=["lora", "lora"]))
     if key.startswith("ValueError: Unknown stage 'both' in stage"):

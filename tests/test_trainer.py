@@ -503,11 +503,11 @@ def test_bad_input_is_refused_before_training(tmp_path):
         StagedSFTTrainer(lora_model, args=sft_args(tmp_path), train_dataset=data, processing_class=tok)
     with pytest.raises(ValueError, match="needs peft_config=HeftConfig"):
         StagedSFTTrainer(tiny_sft_model(), args=sft_args(tmp_path), train_dataset=data, processing_class=tok)
-    for flag in ("packing", "padding_free"):
-        with pytest.raises(ValueError, match="packing or padding-free"):
+    for strategy in ("bfd_split", "wrapped"):
+        with pytest.raises(ValueError, match=f"does not support packing_strategy='{strategy}'"):
             StagedSFTTrainer(
                 tiny_sft_model(),
-                args=sft_args(tmp_path, **{flag: True}),
+                args=sft_args(tmp_path, packing=True, packing_strategy=strategy),
                 train_dataset=data,
                 processing_class=tok,
                 peft_config=peft_config(),

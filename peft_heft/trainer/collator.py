@@ -10,8 +10,14 @@ import torch
 
 from ..prompt_tokens import prompt_mask_from_lengths
 from ..tuner.positions import PositionSpec, compute_locations
+from .packing import PROMPT_MASK_COLUMN, packed_locations, sequences_of
 
 PROMPT_LENGTH_COLUMN = "heft_prompt_length"
+_HEFT_COLUMNS = (PROMPT_LENGTH_COLUMN, PROMPT_MASK_COLUMN)
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    return [sum(lengths[:i]) for i in range(len(lengths))]
 
 
 @dataclass
@@ -33,7 +39,9 @@ class DataCollatorForHeft:
             `"left"` moves each row's padding to the left after collation (TRL's collator pads on the right).
 
     Called on a list of examples, it returns the wrapped collator's batch plus `intervention_locations`, a
-    `LongTensor` `(batch, groups, n)` with `-1` for unused slots.
+    `LongTensor` `(batch, groups, n)` with `-1` for unused slots. A padding-free batch (one flattened row with
+    `position_ids` and no `attention_mask`, TRL's `padding_free=True` or `packing=True`) gets the locations of every
+    sequence in the row, each on its own prompt (packed examples carry `seq_lengths` and `heft_prompt_mask`).
 
     Example:
     ```python
@@ -58,18 +66,39 @@ class DataCollatorForHeft:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompt_lengths = [example.get(PROMPT_LENGTH_COLUMN) for example in examples]
-        examples = [{k: v for k, v in example.items() if k != PROMPT_LENGTH_COLUMN} for example in examples]
+        lengths, packed_prompts = sequences_of(examples, PROMPT_LENGTH_COLUMN)
+        examples = [{k: v for k, v in example.items() if k not in _HEFT_COLUMNS} for example in examples]
         batch = self.collator(examples)
         if "attention_mask" not in batch:
-            raise ValueError(
-                "HEFT needs an attention_mask per row to place interventions; padding-free / packed batches have none. "
-                "Set padding_free=False and packing=False."
-            )
+            return self._padding_free(batch, lengths, packed_prompts)
         mask = batch["attention_mask"]
         if self.padding_side == "left":
             batch = _move_padding_left(batch, mask)
             mask = batch["attention_mask"]
         batch["intervention_locations"] = self.locations(mask, prompt_lengths)
+        return batch
+
+    def _padding_free(self, batch: dict[str, Any], lengths: list[int], prompts: list[int]) -> dict[str, Any]:
+        """A flattened row (TRL's padding-free collation): each sequence's prompt, found from the examples."""
+        position_ids = batch.get("position_ids")
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+            raise ValueError(
+                "HEFT places interventions on each row's prompt: the wrapped collator returned neither an "
+                "attention_mask nor the one flattened row of position_ids of a padding-free batch "
+                f"(keys: {sorted(batch)}). Return an attention_mask, or use TRL's DataCollatorForLanguageModeling."
+            )
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        if sum(lengths) > position_ids.shape[1] or any(s not in starts for s in _starts(lengths)):
+            raise ValueError(
+                f"The padding-free batch's position_ids restart at columns {starts[:8]}, but its examples hold "
+                f"sequences of {lengths[:8]} tokens: the row does not concatenate the examples in order. Use TRL's "
+                "DataCollatorForLanguageModeling(padding_free=True)."
+            )
+        if self.padding_side == "left":
+            raise ValueError("padding_side='left' has no meaning for a padding-free batch (it has no padding).")
+        spec = self.position_spec
+        assert isinstance(spec, PositionSpec)  # parsed in __post_init__
+        batch["intervention_locations"] = packed_locations(spec, self.share_weights, lengths, prompts)
         return batch
 
     def locations(self, attention_mask: torch.Tensor, prompt_lengths: list[int | None]) -> torch.Tensor:

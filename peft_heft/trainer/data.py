@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from transformers import ProcessorMixin
 from transformers.utils import logging
+from trl.data_utils import pack_dataset
 
 from .collator import PROMPT_LENGTH_COLUMN
 from .mixin_base import SFTTrainerBase
+from .packing import PROMPT_MASK_COLUMN, SEQ_LENGTHS_COLUMN, prompt_mask_fn, sequences_of
 from .prompts import (
     FULL_LENGTH_COLUMN,
     pretokenized_prompt_length_fn,
     prompt_length_fn,
     truncate_prompt_length_fn,
 )
-from .validation import PACKING_ERROR, check_dataset_format, report_dropped_rows
+from .validation import check_dataset_format, report_dropped_rows
 
 logger = logging.get_logger(__name__)
 
@@ -41,8 +43,28 @@ class PromptLengthsMixin(SFTTrainerBase):
         args: HeftSFTConfig  # type: ignore[assignment]  # HEFT's trainer holds a HeftSFTConfig
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if packing:
-            raise ValueError(PACKING_ERROR)
+        # TRL packs right after tokenizing, which loses where each prompt ends: prepare unpacked (TRL's tokenizing,
+        # labels, truncation by truncation_mode, dropping fully masked rows), find the prompts, then pack with TRL's
+        # own pack_dataset, a per-token prompt mask travelling with input_ids and labels.
+        prepared = self._prepare_unpacked(dataset, processing_class, args, formatting_func, dataset_name)
+        if not packing:
+            return prepared
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # TRL's check, same words
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(prepared, Dataset) else {}
+        if isinstance(prepared, Dataset):
+            map_kwargs["desc"] = f"Marking prompt tokens of {dataset_name} dataset"
+        prepared = prepared.map(prompt_mask_fn, fn_kwargs={"length_column": PROMPT_LENGTH_COLUMN}, **map_kwargs)
+        if isinstance(prepared, Dataset):
+            map_kwargs["desc"] = f"Packing {dataset_name} dataset"
+        prepared = prepared.select_columns(["input_ids", "labels", PROMPT_MASK_COLUMN])
+        if args.shuffle_dataset:  # as TRL: shuffled before packing, so that neighbours in a row are not correlated
+            prepared = prepared.shuffle(seed=args.seed)
+        packed = pack_dataset(prepared, args.max_length, args.packing_strategy, map_kwargs)
+        return packed.shuffle(seed=args.seed) if args.shuffle_dataset else packed  # and after, as TRL
+
+    def _prepare_unpacked(self, dataset, processing_class, args, formatting_func, dataset_name):
+        packing = False
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         pretokenized = check_dataset_format(dataset, args, formatting_func, dataset_name)
         if pretokenized:
@@ -75,13 +97,23 @@ class PromptLengthsMixin(SFTTrainerBase):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if PROMPT_LENGTH_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, PROMPT_LENGTH_COLUMN]
+        extra = [
+            c
+            for c in (PROMPT_LENGTH_COLUMN, PROMPT_MASK_COLUMN, SEQ_LENGTHS_COLUMN)
+            if c not in self._signature_columns
+        ]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _check_prompts_fit(self, dataset) -> None:
-        if not isinstance(dataset, Dataset) or PROMPT_LENGTH_COLUMN not in dataset.column_names or not len(dataset):
+        if not isinstance(dataset, Dataset) or not len(dataset):
             return
-        lengths = dataset[PROMPT_LENGTH_COLUMN]
+        if PROMPT_LENGTH_COLUMN in dataset.column_names:
+            lengths = dataset[PROMPT_LENGTH_COLUMN]
+        elif PROMPT_MASK_COLUMN in dataset.column_names and SEQ_LENGTHS_COLUMN in dataset.column_names:
+            rows = dataset.select_columns(["input_ids", SEQ_LENGTHS_COLUMN, PROMPT_MASK_COLUMN])
+            lengths = sequences_of(list(rows), PROMPT_LENGTH_COLUMN)[1]  # one count per packed sequence
+        else:
+            return
         empty = sum(1 for n in lengths if n == 0)
         if empty == len(lengths) and any(s != "lora" for s in self.args.stage_order):
             raise ValueError(

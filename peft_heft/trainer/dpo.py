@@ -339,8 +339,10 @@ def _check_model(model, ref_model, peft_config) -> None:
 def _check_args(args: DPOConfig) -> None:
     if args.padding_free:
         raise ValueError(
-            "padding_free=True is not supported by HeftDPOTrainer: HEFT places the interventions on each "
-            "sequence's prompt tokens, which it finds from the padded rows' labels. Set padding_free=False."
+            "padding_free=True is not supported by HeftDPOTrainer: TRL's DPOTrainer (trl 1.16) switches it off "
+            "itself and pads every batch anyway (it only warns that padding-free DPO is temporarily unavailable), "
+            "so the setting would be silently ignored. Set padding_free=False. (StagedSFTTrainer supports "
+            "padding_free=True and packing=True.)"
         )
     if args.sync_ref_model:
         raise ValueError(

@@ -39,6 +39,7 @@ from .collator import PROMPT_LENGTH_COLUMN, DataCollatorForHeft
 from .config import HeftSFTConfig, derived_arguments
 from .data import PromptLengthsMixin
 from .labelled_lm_head import score_labelled_positions_only
+from .packing import check_packed_attention, packs_batches
 from .reporting import StageReportMixin
 from .validation import (
     as_heft_args,
@@ -77,7 +78,8 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
         model (`str` or `PreTrainedModel` or `PeftModel`): a model id/path, a model, or a HEFT `PeftModel`.
         args (`HeftSFTConfig`): every `SFTConfig` option plus the stage schedule.
         data_collator (`Callable`, *optional*): wrapped in `DataCollatorForHeft` (TRL's collator when `None`).
-        train_dataset (`datasets.Dataset`, *optional*): any TRL SFT format; packing is refused.
+        train_dataset (`datasets.Dataset`, *optional*): any TRL SFT format; `packing=True` (strategy `'bfd'`) and
+            `padding_free=True` keep each sequence's prompt and attention apart (:mod:`peft_heft.trainer.packing`).
         eval_dataset (`datasets.Dataset`, *optional*): evaluated at each stage end (and per `eval_strategy`).
         processing_class (`PreTrainedTokenizerBase`, *optional*): the tokenizer.
         optimizers (`tuple`): must stay `(None, None)`: each stage builds its own optimizer and schedule.
@@ -157,6 +159,8 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
             share_weights=config.share_intervention_weights,
             padding_side=padding_side,
         )
+        if packs_batches(args):
+            check_packed_attention(self.model)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(StageProgressCallback)
         # first, so that a checkpoint is complete (marker written) before any other callback hears of it

@@ -21,15 +21,9 @@ from ..settings import ADAPTER_SETTINGS
 from ..tuner.config import HeftConfig
 from ..tuner.model import _find_heft_tuner
 from .config import HeftSFTConfig
+from .packing import check_packing_args
 
 logger = logging.get_logger(__name__)
-
-
-PACKING_ERROR = (
-    "StagedSFTTrainer does not support packing or padding-free batches: HEFT places interventions on each example's "
-    "prompt tokens, and packing merges examples into one row and drops their prompt boundaries. Set packing=False, "
-    "eval_packing=False and padding_free=False."
-)
 
 
 def as_heft_args(args, model) -> HeftSFTConfig:
@@ -45,8 +39,7 @@ def as_heft_args(args, model) -> HeftSFTConfig:
 
 
 def check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> None:
-    if args.packing or args.eval_packing or args.padding_free:
-        raise ValueError(PACKING_ERROR)
+    check_packing_args(args)
     if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
         raise ValueError(
             f"StagedSFTTrainer sees {args.n_gpu} GPUs in one process, so transformers' Trainer would wrap the model in "

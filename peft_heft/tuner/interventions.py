@@ -40,10 +40,17 @@ class LowRankRotateLayer(nn.Module):
 
 
 def orthonormal_rotation(embed_dim: int, rank: int, dtype: torch.dtype | None) -> nn.Module:
-    """A rotate layer whose ``weight`` stays orthonormal during training (Householder, no d x d buffer)."""
-    return orthogonal(
+    """A rotate layer whose ``weight`` stays orthonormal during training (Householder, no d x d buffer).
+
+    torch stores the parametrization's ``original`` as a transposed view (stride ``(1, d)``); FSDP2's ``fully_shard``
+    and DeepSpeed's engine refuse non-contiguous parameters, so it is stored contiguously (same values).
+    """
+    layer = orthogonal(
         LowRankRotateLayer(embed_dim, rank, dtype), "weight", orthogonal_map="householder", use_trivialization=False
     )
+    original = layer.parametrizations.weight.original
+    original.data = original.data.contiguous()
+    return layer
 
 
 class _ReftBase(SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention):

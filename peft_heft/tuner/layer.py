@@ -185,6 +185,27 @@ def adapter_routes(
     return routes
 
 
+def refuse_unlocated_packed_row(kwargs: Mapping[str, Any]) -> None:
+    """A padding-free / packed row (``position_ids`` restarting, no mask) holds several sequences: without explicit
+    locations HEFT would take the whole row for one prompt. Checked only on calls with no mask and no locations."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    if isinstance(cu_seq_lens, torch.Tensor):
+        packed = cu_seq_lens.numel() > 2
+    elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[1] > 1:
+        packed = bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
+    else:
+        return
+    if packed:
+        raise ValueError(
+            "This HEFT forward gets a packed row (position_ids restart inside it, no attention_mask): several "
+            "sequences, each with its own prompt, but no intervention_locations, so HEFT would treat the row as one "
+            "prompt. Pass intervention_locations for the flattened row (peft_heft.DataCollatorForHeft computes them "
+            "for TRL's padding-free and packed batches; StagedSFTTrainer uses it), or pass unpacked rows with an "
+            "attention_mask."
+        )
+
+
 def refuse_data_parallel_replica(module: nn.Module) -> None:
     """``torch.nn.DataParallel`` runs replicas of the model (``module._is_replica``, set by ``nn.Module``'s replication
     for DataParallel): their hooks would run the original's interventions, on the first device, for every replica."""
@@ -348,6 +369,8 @@ class LayerHooks:
             absolute = pinned_locations(generation.pinned, batch)
         else:
             explicit = _EXPLICIT.get().get(owner)
+            if mask is None and (explicit is None or isinstance(explicit, PromptHint)):
+                refuse_unlocated_packed_row(kwargs)
             if isinstance(explicit, PromptHint):
                 mask = explicit.prompt_mask(mask, batch, offset + seq_len, offset)  # the prompt's tokens only
                 explicit = None
