@@ -370,3 +370,17 @@ def test_dpo_example_fast_mode(tmp_path):
     assert reloaded and reloaded[1] == found["after DPO"], out[-3000:]
     assert (tmp_path / "run" / "dpo" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "run" / "dpo" / "ref").exists()
+
+
+def test_trl_dpo_still_switches_padding_free_off(tmp_path):
+    """HeftDPOTrainer refuses padding_free=True because TRL's DPOTrainer ignores it (it pads anyway, with a warning).
+    The day TRL brings padding-free DPO back this fails: support it then, as StagedSFTTrainer does (interventions on
+    each sequence's prompt in the flattened row)."""
+    from trl import DPOConfig, DPOTrainer
+
+    model = get_peft_model(tiny_sft_model(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    args = DPOConfig(
+        str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=64, padding_free=True, max_steps=1
+    )
+    trainer = DPOTrainer(model, args=args, train_dataset=preference_rows(8), processing_class=tiny_tokenizer())
+    assert trainer.padding_free is False
