@@ -30,13 +30,14 @@ def varied_rows() -> Dataset:
     return Dataset.from_list(rows)
 
 
-def packed_trainer(tmp_path, **overrides) -> StagedSFTTrainer:
+def packed_trainer(tmp_path, eval_dataset=None, **overrides) -> StagedSFTTrainer:
     args = dict(packing=True, max_length=MAX_LENGTH, per_device_train_batch_size=2, shuffle_dataset=False)
     args.update(overrides)
     return StagedSFTTrainer(
         tiny_sft_model(),
         args=cpu_sft_args(str(tmp_path / "out"), **args),
         train_dataset=varied_rows(),
+        eval_dataset=eval_dataset,
         processing_class=tiny_tokenizer(),
         peft_config=sft_heft_config(init_lora_weights=False),  # LoRA B random: LoRA gets gradients
     )
@@ -171,10 +172,14 @@ def test_padding_free_per_step_losses_equal_the_padded_run(tmp_path):
     assert padded[3][1] != pytest.approx(padded[2][1], rel=1e-3)
 
 
-def test_packed_training_runs_both_stages_and_saves(tmp_path):
-    trainer = packed_trainer(tmp_path, lora_max_steps=2, reft_max_steps=2)
+def test_packed_training_runs_both_stages_evaluates_and_saves(tmp_path):
+    # the evaluation rows are packed too (eval_packing follows packing)
+    trainer = packed_trainer(tmp_path, eval_dataset=varied_rows(), lora_max_steps=2, reft_max_steps=2)
+    assert "seq_lengths" in trainer.eval_dataset.column_names
     trainer.train()
     assert [h["stage"] for h in trainer.stage_log_history if "loss" in h] == ["lora"] * 2 + ["reft"] * 2
+    evaluated = [h for h in trainer.stage_log_history if "eval_loss" in h]
+    assert len(evaluated) >= 2 and all(h["eval_loss"] == h["eval_loss"] for h in evaluated)  # one per stage, no NaN
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
