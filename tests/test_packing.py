@@ -51,9 +51,7 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over supervised tokens of the next-token cross-entropy (what the mean-reduced loss adds up)."""
-    return torch.nn.functional.cross_entropy(
-        logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum"
-    )
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
 
 
 def alone_batch(trainer, input_ids, labels, prompt_length) -> dict:
@@ -116,7 +114,7 @@ def test_each_packed_sequence_gets_the_loss_positions_and_gradients_it_gets_alon
     spy.clear()
     packed_logits = model(**inputs, use_cache=False).logits
     packed_calls = list(spy)
-    for k, ((start, length), prompt_length) in enumerate(zip(pieces, prompt_lengths, strict=True)):
+    for (start, length), prompt_length in zip(pieces, prompt_lengths, strict=True):
         labels = batch["labels"].clone()
         outside = torch.ones_like(labels, dtype=torch.bool)
         outside[:, start : start + length] = False
