@@ -10,13 +10,18 @@ CONSTRAINTS := constraints/pinned.txt
 LATEST_VENV     := .venv-latest
 LATEST_PY       := $(LATEST_VENV)/bin/python
 LATEST_PACKAGES := transformers peft trl accelerate datasets pyvene lm_eval optuna
+# `make test-deepspeed`: the ZeRO-2/ZeRO-3 slow tests in a third virtualenv with DeepSpeed (kept out of the default env)
+DS_VENV    := .venv-deepspeed
+DS_PY      := $(DS_VENV)/bin/python
+# (its version lives here, not in constraints/pinned.txt: DeepSpeed is no dependency of the project, nor of .venv)
+DEEPSPEED_VERSION ?= 0.19.8
 # Extra pytest arguments for test, test-latest and test-slow, e.g. PYTEST_ARGS="tests/test_positions.py -x".
 PYTEST_ARGS ?=
 # On Linux without a GPU, PyPI's torch wheel is the CUDA build (several GB): take the +cpu build from PyTorch's index.
 TORCH_VERSION   ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv assets test test-latest test-slow demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
+.PHONY: venv assets test test-latest test-slow test-deepspeed demo lint format typecheck docs docs-serve bench bench-smollm2 replicate
 
 # $(call make-venv,DIR,PIP_ARGS): create the virtualenv DIR if missing and install into it; PIP_ARGS (constraints)
 # go to the installs that resolve dependencies.
@@ -85,6 +90,17 @@ test-latest: $(LATEST_VENV)/.stamp
 # Slow tests only.
 test-slow: venv assets
 	$(call run-pytest,$(PY),-m slow $(PYTEST_ARGS))
+
+# StagedSFTTrainer under DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (tests/test_trainer_sharded.py, slow), in
+# .venv-deepspeed: the project venv plus DeepSpeed built without its C++/CUDA ops (DS_BUILD_OPS=0; its CPU accelerator).
+$(DS_VENV)/.ds-stamp: pyproject.toml setup.py $(CONSTRAINTS)
+	$(call make-venv,$(DS_VENV),-c $(CONSTRAINTS))
+	DS_BUILD_OPS=0 $(DS_PY) -m pip install -c $(DS_VENV)/torch.txt -c $(CONSTRAINTS) deepspeed==$(DEEPSPEED_VERSION)
+	@touch $@
+
+test-deepspeed: export DS_ACCELERATOR = cpu
+test-deepspeed: $(DS_VENV)/.ds-stamp
+	$(call run-pytest,$(DS_PY),-m slow -k 'zero2 or zero3' tests/test_trainer_sharded.py $(PYTEST_ARGS))
 
 # SmolLM2-135M-Instruct on Rotten Tomatoes: zero-shot / after LoRA / after ReFT, save + reload (~6 min on 2 CPUs).
 demo: venv assets

@@ -472,18 +472,12 @@ def test_an_unreadable_marker_counts_as_an_incomplete_checkpoint(run_copy):
     assert_pieces(error, f"Checkpoint {newest} is incomplete", "checkpoint-3")
 
 
-# FSDP and DeepSpeed: refused at construction (docs/trainer.md, "FSDP and DeepSpeed"), before an Accelerator is built
-@pytest.mark.parametrize(
-    "env, engine, source",
-    [
-        ("ACCELERATE_USE_FSDP", "FSDP", "ACCELERATE_USE_FSDP=true"),
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", "ACCELERATE_USE_DEEPSPEED=true"),
-    ],
-)
-def test_fsdp_or_deepspeed_from_accelerate_launch_config_is_refused(tmp_path, monkeypatch, env, engine, source):
-    # built first: with ACCELERATE_USE_DEEPSPEED=true, TrainingArguments itself needs the deepspeed package
+# FSDP1: refused at construction (FSDP2 and DeepSpeed train: tests/test_trainer_sharded.py), before an Accelerator is
+# built
+def test_fsdp1_from_accelerate_launch_config_is_refused(tmp_path, monkeypatch):
     args = cpu_sft_args(str(tmp_path / "out"))
-    monkeypatch.setenv(env, "true")  # what `accelerate launch --config_file <fsdp or deepspeed config>` exports
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file <fsdp config>` exports
+    monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError) as error:
         StagedSFTTrainer(
             tiny_sft_model(),
@@ -493,20 +487,15 @@ def test_fsdp_or_deepspeed_from_accelerate_launch_config_is_refused(tmp_path, mo
             peft_config=peft_config(),
         )
     assert_pieces(
-        error,
-        f"does not support {engine} ({source}",
-        "require grad",
-        "rebuilds the optimizer",
-        "DistributedDataParallel",
-        "QLoRA",
+        error, "does not support FSDP version 1 (ACCELERATE_USE_FSDP=true", "FlatParameter", "fsdp_version: 2"
     )
 
 
-def test_fsdp_in_training_args_is_refused(tmp_path, monkeypatch):
+def test_fsdp1_in_training_args_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # HeftSFTConfig(fsdp=...) exports it: restore after
     with pytest.raises(ValueError) as error:
-        make_trainer(tmp_path / "out", fsdp=True, fsdp_config={"version": 2})
-    assert_pieces(error, "does not support FSDP (args.fsdp is set)", "already wrapped", "torchrun --nproc_per_node")
+        make_trainer(tmp_path / "out", fsdp=True, fsdp_config={"version": 1})
+    assert_pieces(error, "does not support FSDP version 1 (args.fsdp is set)", "FlatParameter", "fsdp_version: 2")
 
 
 def test_accelerate_flags_set_to_false_are_not_refused(tmp_path, monkeypatch):

@@ -218,3 +218,61 @@ def test_trl_reads_the_tag_names_of_the_trainer_class():
     from trl import SFTTrainer
 
     assert isinstance(SFTTrainer._tag_names, list) and isinstance(SFTTrainer._name, str)
+
+
+# ------------------------------------------------------------------------------------------------------ sharding
+# FSDP2 / DeepSpeed parts of trainer/staged_sft.py (and the FSDP2-on-CPU hack of tests/sharded_staged_script.py)
+
+
+def test_fsdp_activation_checkpointing_names_its_wrapped_module():
+    """`_gathered_adapter_state_dict` strips accelerate's FSDP activation-checkpoint wrapper from saved keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+    assert _CHECKPOINT_PREFIX == "_checkpoint_wrapped_module."
+
+
+def test_accelerate_fsdp2_prepare_skips_modules_that_are_already_sharded():
+    """`_shard_interventions_in_their_dtype` shards the interventions before accelerate's `fsdp2_prepare_model`,
+    which must leave an FSDPModule child alone (its wrap loop skips them) and read the plugin fields we copy."""
+    import inspect
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    source = inspect.getsource(fsdp2_prepare_model)
+    assert "isinstance(module, FSDPModule)" in source and "fsdp2_plugin.reshard_after_forward" in source
+    assert "fsdp2_plugin.cpu_offload" in source and "fsdp_dim_names" in source
+    fields = set(inspect.signature(FullyShardedDataParallelPlugin).parameters)
+    assert {"reshard_after_forward", "cpu_offload", "cpu_ram_efficient_loading"} <= fields
+
+
+def test_accelerate_prepare_backend_still_decides_the_distributed_type():
+    """tests/sharded_staged_script.py (tests only) wraps `PartialState._prepare_backend` to force FSDP2 onto CPU; the
+    test asserts DTensor parameters, so a change here fails loudly there too."""
+    import inspect
+
+    from accelerate.state import PartialState
+
+    assert list(inspect.signature(PartialState._prepare_backend).parameters) == [
+        "self",
+        "cpu",
+        "sagemaker_dp",
+        "backend",
+    ]
+
+
+def test_deepspeed_engine_destroy_and_its_forward_hook_handles():
+    """`_release_stage_engine`: `DeepSpeedEngine.destroy()` removes the ZeRO hooks but not the engine's own forward
+    hooks, whose handles are `module_forward_pre_hook` / `module_forward_post_hook`; ZeRO-3 parameters carry `ds_id`."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert callable(DeepSpeedEngine.destroy)
+    source = inspect.getsource(DeepSpeedEngine.__init__)
+    assert "self.module_forward_pre_hook = " in source and "self.module_forward_post_hook = " in source
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    assert "ds_id" in inspect.getsource(is_zero_param)
+    assert callable(deepspeed.zero.GatheredParameters)

@@ -1,10 +1,10 @@
 """Does StagedSFTTrainer train both HEFT stages correctly under FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 on CPU?
 
-StagedSFTTrainer refuses FSDP and DeepSpeed at construction (``check_supported`` -> ``sharding_engine``). THIS
-SCRIPT LIFTS THAT REFUSAL, INSIDE THIS SCRIPT ONLY, by monkeypatching
-``peft_heft.trainer.validation.sharding_engine`` to return ``None`` (see ``lift_refusal``); peft_heft itself is
-unchanged. It trains the trainer tests' tiny Llama (tests/sft_fixtures.py) for a few steps per stage on 2 CPU
-processes and checks, with numbers:
+StagedSFTTrainer supports FSDP2 and DeepSpeed ZeRO-2/ZeRO-3 (refused: FSDP1, ZeRO-3 with non-reentrant gradient
+checkpointing over two stages, DeepSpeed bf16/fp16 with LoReFT/DiReFT; see ``check_sharding_supported``). Until
+2026-12-06 it refused both engines and this script lifted the refusal; it no longer does (``--lift-refusal`` still can,
+to show what a refused setup does). It trains the trainer tests' tiny Llama (tests/sft_fixtures.py) for a few steps
+per stage on 2 CPU processes and checks, with numbers:
 
   (i)   stage 1 changes only LoRA tensors, stage 2 only intervention tensors (full parameters gathered: DTensor
         ``full_tensor()`` under FSDP2, ``deepspeed.zero.GatheredParameters`` under ZeRO-3);
@@ -21,7 +21,7 @@ Two modes:
           prints and writes <out>/summary.json
 
 Engines (``--engine``): ``ddp`` (the reference, as tests/test_trainer_ddp.py), ``fsdp2`` (launch with
-benchmarks/accelerate/fsdp2_cpu.yaml), ``zero2`` / ``zero3`` (launch with zero2_cpu.yaml / zero3_cpu.yaml, from a
+examples/accelerate/fsdp2_cpu.yaml), ``zero2`` / ``zero3`` (launch with zero2_cpu.yaml / zero3_cpu.yaml, from a
 venv with deepspeed, DS_ACCELERATOR=cpu). ``--force-fsdp-on-cpu``: accelerate 1.15 only selects FSDP when its
 distributed type is a multi-accelerator one (MULTI_GPU, ...); on CPU (MULTI_CPU, or NO without CUDA) the FSDP plugin
 is dropped and the run is plain DDP. This flag makes accelerate's backend detection report MULTI_GPU with gloo and
@@ -64,7 +64,7 @@ def clean(name: str) -> str:
 
 # ------------------------------------------------------------------ the refusal, lifted here only
 def lift_refusal() -> None:
-    """StagedSFTTrainer refuses FSDP/DeepSpeed; this script (only) replaces the check that detects them."""
+    """--lift-refusal: this script (only) replaces the check that detects the engines, to run a refused setup."""
     import peft_heft.trainer.validation as validation
 
     validation.sharding_engine = lambda args: None
@@ -174,7 +174,8 @@ def describe_wrapper(trainer) -> dict:
 
 # ------------------------------------------------------------------ train (under accelerate launch)
 def train(cli) -> None:
-    lift_refusal()
+    if cli.lift_refusal:
+        lift_refusal()
     if cli.force_fsdp_on_cpu:
         force_fsdp_on_cpu()
     import torch.distributed as dist
@@ -194,6 +195,7 @@ def train(cli) -> None:
         reft_max_steps=STEPS,
         use_cpu=use_cpu,
         gradient_checkpointing=cli.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if cli.reentrant else None,
         stage_order=cli.stage_order.split(","),
         **extra,
     )
@@ -240,6 +242,8 @@ def train(cli) -> None:
         "engine": cli.engine,
         "force_fsdp_on_cpu": cli.force_fsdp_on_cpu,
         "contiguous_rotations": cli.contiguous_rotations,
+        "reentrant": cli.reentrant,
+        "lift_refusal": cli.lift_refusal,
         "use_cpu": use_cpu,
         "gradient_checkpointing": cli.gradient_checkpointing,
         "stage_order": cli.stage_order,
@@ -396,6 +400,8 @@ def main(argv=None) -> None:
         "--contiguous-rotations", action="store_true", help="store the rotations' parameters contiguously (FSDP2)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--reentrant", action="store_true", help="reentrant gradient checkpointing")
+    parser.add_argument("--lift-refusal", action="store_true", help="run a setup StagedSFTTrainer refuses")
     parser.add_argument("--stage-order", default="lora,reft", help="train: e.g. 'reft' for one stage (one engine)")
     parser.add_argument("--ddp-out", default=None, help="verify: the DDP run's --out, for check (iv)")
     cli = parser.parse_args(argv)

@@ -41,6 +41,7 @@ from .data import PromptLengthsMixin
 from .labelled_lm_head import score_labelled_positions_only
 from .packing import check_packed_attention, packs_batches
 from .reporting import StageReportMixin
+from .sharding import ShardedStagesMixin
 from .validation import (
     as_heft_args,
     check_not_empty,
@@ -53,7 +54,7 @@ from .validation import (
 logger = logging.get_logger(__name__)
 
 
-class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMixin, SFTTrainer):
+class StagedSFTTrainer(ShardedStagesMixin, StageReportMixin, StageCheckpointsMixin, PromptLengthsMixin, SFTTrainer):
     r"""
     [`~trl.SFTTrainer`] that trains a HEFT adapter stage by stage: LoRA first, then ReFT interventions on top.
 
@@ -299,8 +300,15 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
         return TrainOutput(global_step=output.global_step, training_loss=metrics["train_loss"], metrics=metrics)
 
     def _run_stage(self, base, index, stage, checkpoint, trial, ignore_keys_for_eval, args_overrides, **kwargs):
+        self._release_stage_engine()
         if checkpoint is None:
             self._apply_stage(stage)  # when resuming, done after the checkpoint's weights are loaded
+        elif self._sharded:
+            # FSDP2 / DeepSpeed load the checkpoint after `prepare`, from their own files, which hold only the
+            # parameters trainable when it was written: the complete adapter (a frozen LoRA too) and the stage's
+            # trainable set must be in place before `prepare` builds the optimizer over them
+            self._load_from_checkpoint(checkpoint)
+        self._shard_interventions_in_their_dtype()
         # Each stage starts from its own seed (the data order derives from it); a resumed stage then gets the
         # checkpoint's RNG state back from Trainer
         enable_full_determinism(base.seed + index) if base.full_determinism else set_seed(base.seed + index)
@@ -359,7 +367,10 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
         self._heft.set_stage(stage, apply_interventions=True if stage == "lora" and after_reft else None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._sharded and model is None:
+            self._load_complete_adapter(resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._stage_name is not None:
             self._apply_stage(self._stage_name)  # loading a trainable adapter selects the joint stage
 
@@ -403,7 +414,9 @@ class StagedSFTTrainer(StageReportMixin, StageCheckpointsMixin, PromptLengthsMix
         """
         if _internal_call and output_dir is not None and self.args.should_save:
             remove_stale_marker(output_dir)  # a checkpoint being (re)written is incomplete until its new marker
-        if _internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self._sharded:
+            return self._save_sharded(output_dir, _internal_call)
+        if _internal_call or not self.args.should_save:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self._output_dir
 

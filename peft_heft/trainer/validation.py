@@ -48,17 +48,7 @@ def check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> None
             f"{args.n_gpu}` (DistributedDataParallel, one process per GPU), or make one GPU visible "
             "(CUDA_VISIBLE_DEVICES=0)."
         )
-    engine = sharding_engine(args)
-    if engine is not None:
-        name, source = engine
-        raise ValueError(
-            f"StagedSFTTrainer does not support {name} ({source}) yet: each stage changes which parameters require "
-            "grad (LoRA, then the interventions) and rebuilds the optimizer, and from the second stage on "
-            f"transformers' Trainer would do that on a model {name} has already wrapped ({_SHARDING_DETAIL[name]}). "
-            "That is not tested, so it is refused. What works: DistributedDataParallel over several GPUs "
-            "(`accelerate launch` or `torchrun --nproc_per_node <gpus>` without FSDP/DeepSpeed), and QLoRA "
-            "(a 4-bit base) on one GPU."
-        )
+    check_sharding_supported(args)
     if optimizers is not None and any(o is not None for o in optimizers):
         raise ValueError(
             "StagedSFTTrainer builds a fresh optimizer and schedule for each stage over that stage's parameters, so "
@@ -82,10 +72,9 @@ def check_supported(args: HeftSFTConfig, model, peft_config, optimizers) -> None
 
 
 _SHARDING_DETAIL = {
-    "FSDP": "it shards the parameters when the first stage prepares the model, and accelerate does not re-shard an "
-    "already wrapped model for the next stage",
-    "DeepSpeed": "it builds its engine and ZeRO optimizer over the parameters that require grad when the first stage "
-    "prepares the model; the next stage would build a second engine around the same, already partitioned model",
+    "FSDP1": "FSDP1 (`FullyShardedDataParallel`) flattens each wrapped unit's parameters into one FlatParameter whose "
+    "requires_grad is fixed when the first stage wraps the model, so the next stage cannot switch training from the "
+    "LoRA weights to the interventions in it (accelerate does not re-wrap an already wrapped model)",
 }
 
 
@@ -104,6 +93,56 @@ def sharding_engine(args: HeftSFTConfig) -> tuple[str, str] | None:
     if _env_flag("ACCELERATE_USE_FSDP"):
         return "FSDP", "ACCELERATE_USE_FSDP=true, from accelerate's config"
     return None
+
+
+def fsdp_version(args: HeftSFTConfig) -> int:
+    """The FSDP version a run would use: transformers' `fsdp_config["version"]` (default 2) when `args.fsdp` is set,
+    else accelerate's `fsdp_version` from its launch config (the `FSDP_VERSION` variable, default 1)."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if isinstance(plugin_args, dict) and "fsdp_version" in plugin_args:
+        return int(plugin_args["fsdp_version"])
+    if args.fsdp and isinstance(args.fsdp_config, dict):
+        return int(args.fsdp_config.get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
+def deepspeed_zero_stage(args: HeftSFTConfig) -> int | None:
+    """The ZeRO stage of the DeepSpeed plugin the training arguments built (`deepspeed=` or accelerate's config)."""
+    stage = getattr(getattr(args, "deepspeed_plugin", None), "zero_stage", None)
+    return None if stage is None else int(stage)
+
+
+def check_sharding_supported(args: HeftSFTConfig) -> None:
+    """FSDP2 and DeepSpeed (ZeRO-0 to ZeRO-3) train HEFT's stages; refused: FSDP1 (see `_SHARDING_DETAIL`) and ZeRO-3
+    with non-reentrant gradient checkpointing over more than one stage."""
+    engine = sharding_engine(args)
+    if engine is None:
+        return
+    if engine[0] == "DeepSpeed":
+        checkpointing = args.gradient_checkpointing_kwargs or {}
+        if isinstance(checkpointing, str):  # a JSON string, from the command line
+            checkpointing = json.loads(checkpointing)
+        reentrant = checkpointing.get("use_reentrant") is True
+        stages = list(getattr(args, "stage_order", []) or [])
+        if deepspeed_zero_stage(args) == 3 and args.gradient_checkpointing and not reentrant and len(stages) > 1:
+            raise ValueError(
+                f"StagedSFTTrainer does not support DeepSpeed ZeRO-3 with non-reentrant gradient checkpointing over "
+                f"more than one stage ({engine[1]}, stage_order={stages}): the second stage builds a second DeepSpeed "
+                "engine over the model the first one partitioned, and its first backward fails in the recomputation "
+                "(torch.utils.checkpoint.CheckpointError: ZeRO-3 parameters recomputed as empty tensors; "
+                "deepspeed 0.19.8). Reentrant checkpointing works: set gradient_checkpointing_kwargs="
+                "{'use_reentrant': True}. Or use ZeRO-2, FSDP2, or train without gradient checkpointing."
+            )
+        return
+    version = fsdp_version(args)
+    if version == 2:
+        return
+    raise ValueError(
+        f"StagedSFTTrainer does not support FSDP version {version} ({engine[1]}): {_SHARDING_DETAIL['FSDP1']}. Use "
+        "FSDP2: `fsdp_version: 2` in accelerate's config (see examples/accelerate/fsdp2.yaml), or "
+        "fsdp_config={'version': 2} in the training arguments. DeepSpeed ZeRO-2/ZeRO-3 and DistributedDataParallel "
+        "work too."
+    )
 
 
 # ------------------------------------------------------------------ early checks with clear messages

@@ -24,6 +24,7 @@ import torch
 from pyvene import DistributedRepresentationIntervention, SourcelessIntervention, TrainableIntervention
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
+from torch.nn.utils.parametrize import ParametrizationList
 from transformers.activations import ACT2FN
 
 
@@ -48,9 +49,23 @@ def orthonormal_rotation(embed_dim: int, rank: int, dtype: torch.dtype | None) -
     layer = orthogonal(
         LowRankRotateLayer(embed_dim, rank, dtype), "weight", orthogonal_map="householder", use_trivialization=False
     )
-    original = layer.parametrizations.weight.original
-    original.data = original.data.contiguous()
+    steps = cast(ParametrizationList, cast(nn.ModuleDict, layer.parametrizations)["weight"])
+    steps.original.data = steps.original.data.contiguous()
+    steps.insert(0, _HouseholderInFloat32())  # no weights of its own: the saved keys stay pyreft's
     return layer
+
+
+class _HouseholderInFloat32(nn.Module):
+    """First step of the rotation's parametrization: a half-precision original (DeepSpeed casts the whole model to
+    bf16/fp16) goes into the Householder product as float32, since torch has no half-precision kernel for it
+    (``"orgqr" not implemented for 'BFloat16'``; cuSOLVER's is float/double/complex). A float32 original passes as is.
+    """
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original.float() if original.dtype in (torch.bfloat16, torch.float16) else original
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
 
 
 class _ReftBase(SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention):
@@ -104,6 +119,7 @@ class LoreftIntervention(_RotatedSourceBase):
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
         rotation = cast(torch.Tensor, self.rotate_layer.weight)  # one Householder product per call
+        rotation = rotation.to(self.learned_source.weight.dtype)  # computed in float32 from a half-precision original
         x = base.to(rotation.dtype)
         output = x + torch.matmul(self.act_fn(self.learned_source(x)) - torch.matmul(x, rotation), rotation.T)
         return self.dropout(output.to(base.dtype))
@@ -153,6 +169,7 @@ class DireftIntervention(_RotatedSourceBase):
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
         rotation = cast(torch.Tensor, self.rotate_layer.weight)
+        rotation = rotation.to(self.learned_source.weight.dtype)  # computed in float32 from a half-precision original
         x = base.to(rotation.dtype)
         output = x + torch.matmul(self.act_fn(self.learned_source(x)), rotation.T)
         return self.dropout(output.to(base.dtype))
