@@ -76,7 +76,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_config(name: str, *, rows: int, batch: int, device: str, attn: str, seed: int = 0) -> dict:
+def run_config(
+    name: str, *, rows: int, batch: int, device: str, attn: str, seed: int = 0, model: str = EMBEDDED
+) -> dict:
     """Train configuration ``name`` once in this process and return its timings and peak memory."""
     import torch
     from peft import LoraConfig
@@ -88,7 +90,8 @@ def run_config(name: str, *, rows: int, batch: int, device: str, attn: str, seed
     torch.manual_seed(seed)
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    model, tokenizer = load_model_and_tokenizer(EMBEDDED, dtype=dtype, attn_implementation=attn)
+    model_name = model
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, attn_implementation=attn)
     data = load_task_dataset("rotten_tomatoes", max_train=rows)["train"].remove_columns("label")
     padding_free = name.endswith("padding_free")
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -109,6 +112,7 @@ def run_config(name: str, *, rows: int, batch: int, device: str, attn: str, seed
     )
     timer = StepTimer()
     if cuda:
+        model = model.to("cuda")
         torch.cuda.reset_peak_memory_stats()
     if name.startswith("heft"):
         args = HeftSFTConfig(lora_num_train_epochs=1, reft_num_train_epochs=1, **common)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-CHECKS = {"bf16_staged", "qlora_staged", "generate_cache", "device_map", "step_ratios"}
+CHECKS = {"bf16_staged", "qlora_staged", "generate_cache", "device_map", "step_ratios", "padding_free"}
 
 
 def run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_cpu_smoke_writes_every_check_with_pass_and_numbers(tmp_path):
     pytest.importorskip("bitsandbytes")
-    proc = run("--cpu-smoke", "--out", str(tmp_path))
+    proc = run("--cpu-smoke", "--out", str(tmp_path), "--only", *sorted(CHECKS))  # the sharded ones: slow test below
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-5000:]  # 1: a check failed, still reported
     report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     assert report["environment"]["mode"] == "cpu-smoke"
@@ -44,6 +44,10 @@ def test_cpu_smoke_writes_every_check_with_pass_and_numbers(tmp_path):
     ratios = checks["step_ratios"]["ratios"]
     assert ratios and all(isinstance(r["value"], float) or r.get("why_missing") for r in ratios)
     assert isinstance(checks["step_ratios"]["median_ms"]["lora_step"], float)
+    padding_free = checks["padding_free"]  # float32 on CPU: padding-free steps lose what padded steps lose
+    assert padding_free["pass"] is True and padding_free["loss_relative_diff_max"] <= 1e-4
+    assert [s for s, _ in padding_free["losses"]["padding_free"]] == ["lora"] * 3 + ["reft"] * 3
+    assert set(padding_free["peak_memory_mib"]) == {"heft_padded", "heft_padding_free", "lora_padding_free"}
     markdown = (tmp_path / "gpu_check_cpu_smoke.md").read_text()
     assert all(f"| {name} |" in markdown for name in CHECKS)
 
@@ -53,3 +57,17 @@ def test_without_cuda_it_exits_2_with_a_clear_message(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "needs a CUDA GPU" in proc.stderr and "python benchmarks/gpu_check.py" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_cpu_smoke_fsdp2_and_qlora_fsdp_checks_launch_really_fsdp2_and_reload(tmp_path):
+    """The GPU check's FSDP2 launches (2 CPU processes, FSDP2 forced onto CPU by the test script's hack), ~1 min."""
+    pytest.importorskip("bitsandbytes")
+    proc = run("--cpu-smoke", "--out", str(tmp_path), "--only", "fsdp2", "qlora_fsdp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    checks = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())["checks"]
+    for name in ("fsdp2", "qlora_fsdp"):
+        result = checks[name]
+        assert result["pass"] is True and result["really_fsdp2"] is True, (name, result)
+        assert result["engine"]["dtensor_params"] > 0 and result["processes"] == 2
+        assert result["reload"]["pass"] is True
