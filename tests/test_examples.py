@@ -70,6 +70,7 @@ def test_generate_with_adapter_example(tmp_path):
     assert "use_cache=False gives the same tokens: True" in out
 
 
+@pytest.mark.slow  # ~80 s (trains two SmolLM2 adapters); tests/test_multi_adapter_ops.py covers the operations fast
 def test_multi_adapter_example_switches_adapters(tmp_path):
     skip_without_embedded_assets()
     out = run_example("multi_adapter.py", "--fast", "--output_dir", str(tmp_path / "a"), tmp_path=tmp_path)
