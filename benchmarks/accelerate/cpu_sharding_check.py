@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from sharded_staged_script import force_fsdp_on_cpu  # noqa: E402  (the tests' hack, one copy)
 
 GROUPS = ("lora", "reft", "base")
 STEPS = 4
@@ -68,23 +69,6 @@ def lift_refusal() -> None:
     import peft_heft.trainer.validation as validation
 
     validation.sharding_engine = lambda args: None
-
-
-def force_fsdp_on_cpu() -> None:
-    """Make accelerate treat the 2 CPU processes as MULTI_GPU over gloo, so that it keeps the FSDP plugin (test hack)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"  # PartialState.set_device then returns at once (no torch.cuda)
-    original = PartialState._prepare_backend
-
-    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        found, kind = original(self, cpu, sagemaker_dp, backend)
-        if kind == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            return "gloo", DistributedType.MULTI_GPU
-        return found, kind
-
-    PartialState._prepare_backend = prepare_backend
 
 
 # ------------------------------------------------------------------ gathering full parameters
