@@ -215,3 +215,12 @@ def test_an_attention_that_lets_packed_sequences_mix_is_refused():
 def test_packing_options_that_would_mix_sequences_are_refused(tmp_path):
     with pytest.raises(ValueError, match="eval_packing=True with packing=False and padding_free=False"):
         packed_trainer(tmp_path, packing=False, eval_packing=True)
+    with pytest.raises(ValueError, match="padding_side='left' has no meaning with padding_free=True"):
+        StagedSFTTrainer(
+            tiny_sft_model(),
+            args=cpu_sft_args(str(tmp_path / "out"), padding_free=True, max_length=None),
+            train_dataset=varied_rows(),
+            processing_class=tiny_tokenizer(),
+            peft_config=sft_heft_config(),
+            padding_side="left",
+        )

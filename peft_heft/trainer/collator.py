@@ -88,7 +88,7 @@ class DataCollatorForHeft:
                 f"(keys: {sorted(batch)}). Return an attention_mask, or use TRL's DataCollatorForLanguageModeling."
             )
         starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-        if sum(lengths) > position_ids.shape[1] or any(s not in starts for s in _starts(lengths)):
+        if sum(lengths) > position_ids.shape[1] or not set(_starts(lengths)) <= set(starts):
             raise ValueError(
                 f"The padding-free batch's position_ids restart at columns {starts[:8]}, but its examples hold "
                 f"sequences of {lengths[:8]} tokens: the row does not concatenate the examples in order. Use TRL's "

@@ -122,6 +122,11 @@ class StagedSFTTrainer(ShardedStagesMixin, StageReportMixin, StageCheckpointsMix
     ):
         args = as_heft_args(args, model)
         check_supported(args, model, peft_config, optimizers)
+        if padding_side == "left" and packs_batches(args):
+            raise ValueError(
+                "padding_side='left' has no meaning with padding_free=True or packing=True: the flattened rows have no "
+                "padding. Leave padding_side at its default."
+            )
         check_processing_class(model, processing_class)
         check_not_empty(train_dataset, eval_dataset)
         check_output_dir(args)
